@@ -1,0 +1,32 @@
+# `make demo` and `make test` set everything up on a fresh machine, then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; on a CUDA machine install the matching torch first (see README).
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# Hungarian matching for torchmetrics' ClusterAccuracy; its triton dependency is GPU-only.
+	$(PY) -m pip install -q --no-deps "torch-linear-assignment>=0.1"
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO_DIR)
+	$(PY) cli.py fit --config configs/temi.yaml --config configs/profiles/temi_cpu.yaml \
+		--trainer.default_root_dir $(DEMO_DIR)
+	$(PY) cli.py test --config configs/temi.yaml --config configs/profiles/temi_cpu.yaml \
+		--trainer.default_root_dir $(DEMO_DIR) --ckpt_path last
+	cat $(DEMO_DIR)/metrics.json
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,5 @@
+"""LightningDataModules and the data utilities they share."""
+
+from datamodules.embeddings import EmbeddingsDataModule
+
+__all__ = ["EmbeddingsDataModule"]

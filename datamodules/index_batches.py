@@ -1,0 +1,108 @@
+"""Batches of dataset indices, drawn as whole tensors, sharded over DDP ranks.
+
+Data that fits in memory (precomputed embeddings) needs no per-item ``Dataset`` work: each
+batch is one slice of a permutation, and the rows are gathered on the device in one indexing
+operation (see ``EmbeddingsDataModule.on_after_batch_transfer``).
+
+Determinism is what makes resume and multi-GPU runs exact. The permutation and every random
+draw of an epoch come from a generator seeded by ``(seed, epoch)`` alone, so a resumed run
+sees the same batches, and the global batch ``i`` is the same whatever the world size: rank
+``r`` of ``W`` takes the ``r``-th contiguous part of it.
+
+Lightning passes arbitrary iterables through untouched (no sampler injection), and calls
+``set_epoch`` on ``loader.sampler`` at every epoch start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+class EpochPermutation:
+    """Global order of ``num_items`` for one epoch, cut into per-rank batches.
+
+    batch_size is per rank, as in Lightning; the global batch is ``batch_size * world_size``.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if drop_last and num_items < batch_size * world_size:
+            raise ValueError(
+                f"batch_size={batch_size} x {world_size} ranks exceeds the {num_items} items, "
+                "so no full batch can be drawn; lower the batch size"
+            )
+        self.num_items, self.batch_size, self.shuffle = num_items, batch_size, shuffle
+        self.drop_last, self.seed, self.rank, self.world_size = drop_last, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        # Offsetting by the epoch keeps epochs independent while staying reproducible.
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_items // (self.batch_size * self.world_size)
+        return math.ceil(len(self._rank_items()) / self.batch_size)
+
+    def _rank_items(self) -> torch.Tensor:
+        # Evaluation: contiguous shards, nothing padded or repeated, so metrics count each item once.
+        return torch.tensor_split(torch.arange(self.num_items), self.world_size)[self.rank]
+
+    def batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """Cut a global ``order`` into this rank's batches."""
+        if not self.drop_last:
+            return list(order[self._rank_items()].split(self.batch_size))
+        global_batch = self.batch_size * self.world_size
+        usable = len(self) * global_batch
+        local = order[:usable].view(-1, self.world_size, self.batch_size)[:, self.rank]
+        return list(local.unbind(0))
+
+
+class IndexBatchLoader:
+    """Iterable of per-rank batches ``{"index": LongTensor[b]}``.
+
+    With a neighbour table ``[N, k]`` each batch also carries ``"pair_index"``: one neighbour
+    per item, drawn uniformly for every item once per epoch (TEMI's ``EmbedNN`` pairs), so the
+    draw does not depend on how the global batch is split over ranks.
+    """
+
+    def __init__(self, sampler: EpochPermutation, neighbors: torch.Tensor | None = None) -> None:
+        if neighbors is not None and len(neighbors) != sampler.num_items:
+            raise ValueError(
+                f"neighbour table has {len(neighbors)} rows but the data has {sampler.num_items} items"
+            )
+        self.sampler = sampler
+        self.batch_sampler = None  # Lightning inspects a loader's samplers like a DataLoader's
+        self.neighbors = neighbors
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        generator = self.sampler.generator()
+        num_items = self.sampler.num_items
+        order = torch.randperm(num_items, generator=generator) if self.sampler.shuffle else torch.arange(num_items)
+        pair_of = None
+        if self.neighbors is not None:
+            choice = torch.randint(self.neighbors.shape[1], (num_items,), generator=generator)
+            pair_of = self.neighbors.gather(1, choice.unsqueeze(1)).squeeze(1)
+        for indices in self.sampler.batches(order):
+            batch = {"index": indices}
+            if pair_of is not None:
+                batch["pair_index"] = pair_of[indices]
+            yield batch

@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` networks shared by the methods."""

@@ -1,0 +1,43 @@
+"""Shared test setup: W&B disabled, two CPU threads, small data written in the real formats."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def blob_data(num_per_cluster: int = 40, num_clusters: int = 4, dim: int = 16, seed: int = 0):
+    """Well separated Gaussian blobs: embeddings [N, dim] float32 and labels [N] int64."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(num_clusters, dim)) * 4
+    labels = np.repeat(np.arange(num_clusters), num_per_cluster)
+    x = centers[labels] + rng.normal(size=(len(labels), dim))
+    return x.astype(np.float32), labels.astype(np.int64)
+
+
+@pytest.fixture
+def blob_files(tmp_path: Path) -> dict[str, Path]:
+    x, y = blob_data()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    return {"embeddings": tmp_path / "x.npy", "labels": tmp_path / "y.npy", "dir": tmp_path}
+
+
+# Small heads that train in seconds on the CPU; the CLI tests pass the same as --model.init_args.*.
+TINY_TEMI = {
+    "num_heads": 4, "hidden_dim": 64, "bottleneck_dim": 32, "warmup_epochs": 1, "lr": 1e-3, "min_lr": 1e-3,
+    # A few dozen steps only: a teacher EMA of 0.996 would barely move in that time.
+    "teacher_momentum": 0.9, "final_teacher_momentum": 0.9,
+}

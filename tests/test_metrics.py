@@ -1,0 +1,46 @@
+"""Clustering metrics: permutation invariance, agreement with scikit-learn, occupancy."""
+
+import pytest
+import torch
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
+
+from modules.metrics import ClusterOccupancy, expected_mutual_information, label_metrics
+
+
+def test_a_permuted_labelling_scores_perfectly():
+    target = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(0))
+    permutation = torch.tensor([3, 0, 4, 1, 2])
+    scores = label_metrics(num_clusters=5, num_classes=5)(permutation[target], target)
+    for name in ("acc", "nmi", "ari", "ami"):
+        assert scores[name].item() == pytest.approx(1.0, abs=1e-5), name
+
+
+def test_matches_scikit_learn_on_noisy_clusterings():
+    generator = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 6, (500,), generator=generator)
+    preds = torch.where(torch.rand(500, generator=generator) < 0.6, target, torch.randint(0, 8, (500,), generator=generator))
+    scores = label_metrics(num_clusters=8, num_classes=6)(preds, target)
+    assert scores["nmi"].item() == pytest.approx(normalized_mutual_info_score(target, preds), abs=1e-5)
+    assert scores["ari"].item() == pytest.approx(adjusted_rand_score(target, preds), abs=1e-5)
+    assert scores["ami"].item() == pytest.approx(adjusted_mutual_info_score(target, preds), abs=1e-5)
+    assert 0.5 < scores["acc"].item() < 0.9
+
+
+def test_expected_mutual_information_of_a_single_cluster_is_zero():
+    assert expected_mutual_information(torch.tensor([[5.0, 3.0]])).item() == 0.0
+
+
+def test_cluster_accuracy_by_hand():
+    # Clusters {0,0,1} vs classes {1,1,1}: the best matching maps cluster 0 -> class 1: 2 of 3 right.
+    scores = label_metrics(num_clusters=2, num_classes=2)(torch.tensor([0, 0, 1]), torch.tensor([1, 1, 1]))
+    assert scores["acc"].item() == pytest.approx(2 / 3)
+
+
+def test_occupancy_counts_used_clusters_and_shares():
+    occupancy = ClusterOccupancy(num_clusters=5)
+    occupancy.update(torch.tensor([0, 0, 0, 1]))
+    occupancy.update(torch.tensor([1, 3]))
+    result = occupancy.compute()
+    assert result["clusters_used"].item() == 3
+    assert result["largest_cluster"].item() == pytest.approx(0.5)
+    assert result["smallest_cluster"].item() == 0.0  # clusters 2 and 4 are empty
