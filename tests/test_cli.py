@@ -38,9 +38,11 @@ def test_fit_test_and_resume_leave_checkpoints_and_metrics(blob_files, tmp_path)
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["fit"]["val/acc"] > 0.5 and "train/loss_epoch" in metrics["fit"]
 
+    cli("validate", *blob_args(blob_files, root), "--ckpt_path", "last")
     cli("test", *blob_args(blob_files, root), "--ckpt_path", "last")
     metrics = json.loads((root / "metrics.json").read_text())
-    assert set(metrics) == {"fit", "test"}
+    assert set(metrics) == {"fit", "validate", "test"}
+    assert metrics["validate"]["val/acc"] == pytest.approx(metrics["fit"]["val/acc"])
     assert metrics["test"]["test/acc"] == pytest.approx(metrics["fit"]["val/acc"])  # same data, same weights
 
     cli("predict", *blob_args(blob_files, root), "--ckpt_path", "last")
