@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from callbacks.config_logging import LogConfig  # noqa: E402
+from callbacks.last_checkpoint import LastCheckpoint  # noqa: E402
 from callbacks.metrics_file import MetricsFile  # noqa: E402
 from callbacks.prediction_writer import PredictionWriter  # noqa: E402
 from callbacks.random_state import RandomState  # noqa: E402
@@ -40,8 +41,8 @@ DATA_LINKS = {
 
 class ProtoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best, by checkpoint.monitor
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
@@ -51,8 +52,9 @@ class ProtoCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(config.trainer.default_root_dir or os.getcwd())
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(root / "checkpoints")
+        for checkpoint in (config.checkpoint, config.last_checkpoint):
+            if checkpoint.dirpath is None:
+                checkpoint.dirpath = str(root / "checkpoints")
         for logger in _as_list(config.trainer.logger):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, "."):
