@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_SUFFIXES = ("bias", "norm", "norm.weight", "norm.bias")
+# Biases, and the norm ``g`` of weight-normalized layers (2-D here, one per head and cluster).
+NO_DECAY_SUFFIXES = ("bias", "norm")
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
