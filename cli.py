@@ -31,12 +31,7 @@ from callbacks.random_state import RandomState  # noqa: E402
 DEFAULTS = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
 
 # Values that follow from the data, linked from the datamodule to the model when both exist.
-DATA_LINKS = {
-    "input_dim": "input_dim",
-    "num_clusters": "num_clusters",
-    "num_classes": "num_classes",
-    "batch_size": "batch_size",
-}
+DATA_LINKS = ("input_dim", "num_clusters", "num_classes", "batch_size")
 
 
 class ProtoCLI(LightningCLI):
@@ -46,8 +41,8 @@ class ProtoCLI(LightningCLI):
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
-        for source, target in DATA_LINKS.items():
-            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+        for name in DATA_LINKS:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
