@@ -135,7 +135,7 @@ class TEMIClustering(L.LightningModule):
         student = self.view_log_probs(self.student, x, hp.student_temp)
         with torch.no_grad():
             teacher = self.view_log_probs(self.teacher, x, self.teacher_temperature())
-            batch_marginal = self._mean_over_ranks(teacher.exp().mean(dim=(0, 2)))
+            batch_marginal = self._over_ranks(teacher.exp().mean(dim=(0, 2)), "mean")
             marginal = updated_marginal(self.marginal, batch_marginal, hp.marginal_momentum)
         head_losses = temi_head_losses(student, teacher, marginal.log(), hp.beta, PAIR_LOSSES[hp.pair_loss])
         if hp.entropy_weight:
@@ -150,14 +150,13 @@ class TEMIClustering(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(value, reduce_op="mean") if self._trainer is not None else value
+    def _over_ranks(self, value: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        """All-reduce across DDP ranks (``"mean"`` or ``"sum"``); identity without a trainer."""
+        return self.trainer.strategy.reduce(value, reduce_op=reduce_op) if self._trainer is not None else value
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
         """Agree over all ranks whether to take the step; count and bound non-finite losses."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self._trainer is not None:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        bad = self._over_ranks((~torch.isfinite(loss.detach())).float(), "sum")
         if bad.item() == 0:
             self.nonfinite_streak.zero_()
             return True
@@ -199,7 +198,7 @@ class TEMIClustering(L.LightningModule):
 
         Called on every rank (it reduces); a no-op before the first training step of an epoch.
         """
-        mean_loss = self._mean_over_ranks(self.epoch_head_loss / self.epoch_steps.clamp_min(1))
+        mean_loss = self._over_ranks(self.epoch_head_loss / self.epoch_steps.clamp_min(1), "mean")
         if self.epoch_steps.item() > 0:
             self.best_head.fill_(int(mean_loss.argmin()))
         return mean_loss
