@@ -19,11 +19,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(PY) cli.py fit --config configs/temi.yaml --config configs/profiles/temi_cpu.yaml \
+	$(PY) cli.py fit --config configs/p2_contrastive.yaml --config configs/profiles/p2_contrastive_cpu.yaml \
 		--trainer.default_root_dir $(DEMO_DIR)
-	$(PY) cli.py test --config configs/temi.yaml --config configs/profiles/temi_cpu.yaml \
-		--trainer.default_root_dir $(DEMO_DIR) --ckpt_path last
-	cat $(DEMO_DIR)/metrics.json
+	cat $(DEMO_DIR)/gate_report.json
+	ls $(DEMO_DIR)/plots/*_latest.png
 
 test: setup
 	$(PY) -m pytest -q

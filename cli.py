@@ -31,7 +31,7 @@ from callbacks.random_state import RandomState  # noqa: E402
 DEFAULTS = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
 
 # Values that follow from the data, linked from the datamodule to the model when both exist.
-DATA_LINKS = ("input_dim", "num_clusters", "num_classes", "batch_size")
+DATA_LINKS = ("input_dim", "num_clusters", "num_classes", "batch_size", "vocab_size", "max_length")
 
 
 class ProtoCLI(LightningCLI):

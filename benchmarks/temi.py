@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO))
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.record import write_record  # noqa: E402
 from cli import main as cli_main  # noqa: E402
 from datamodules import EmbeddingsDataModule  # noqa: E402
 from modules.metrics import ClusterOccupancy, label_metrics  # noqa: E402
@@ -134,16 +134,8 @@ def main() -> None:
     rows = summarize(results)
     table = markdown(rows)
     print(table)
-    record = {
-        "data": args.embeddings or "sklearn digits",
-        "results": results,
-        "summary": rows,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": args.threads, "torch": torch.__version__},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, {"data": args.embeddings or "sklearn digits", "results": results, "summary": rows},
+                 args.threads)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from datamodules.arrays import (
     load_array,
     temi_folder_paths,
 )
-from datamodules.index_batches import EpochPermutation, IndexBatchLoader
+from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw
 from datamodules.knn import check_k, cosine_knn
 
 Split = Literal["train", "test"]
@@ -241,7 +241,7 @@ class EmbeddingsDataModule(L.LightningDataModule):
             num_items, batch_size, shuffle=train, drop_last=train, seed=self.hparams.seed,
             rank=rank, world_size=world_size,
         )
-        return IndexBatchLoader(sampler, self.neighbors if train else None)
+        return IndexBatchLoader(sampler, neighbour_draw(self.neighbors) if train else None)
 
     def train_dataloader(self) -> IndexBatchLoader:
         return self._loader(len(self.train_split["x"]), self.hparams.batch_size, train=True)

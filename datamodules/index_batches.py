@@ -16,7 +16,7 @@ Lightning passes arbitrary iterables through untouched (no sampler injection), a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -73,22 +73,34 @@ class EpochPermutation:
         return list(local.unbind(0))
 
 
-class IndexBatchLoader:
-    """Iterable of per-rank batches ``{"index": LongTensor[b]}``.
+# Per-epoch draws for every item: (generator, num_items) -> {name: tensor [num_items, ...]}.
+ItemDraw = Callable[[torch.Generator, int], dict[str, torch.Tensor]]
 
-    With a neighbour table ``[N, k]`` each batch also carries ``"pair_index"``: one neighbour
-    per item, drawn uniformly for every item once per epoch (TEMI's ``EmbedNN`` pairs), so the
-    draw does not depend on how the global batch is split over ranks.
+
+def neighbour_draw(neighbors: torch.Tensor) -> ItemDraw:
+    """One neighbour per item from a table ``[N, k]``, drawn uniformly (TEMI's ``EmbedNN`` pairs)."""
+
+    def draw(generator: torch.Generator, num_items: int) -> dict[str, torch.Tensor]:
+        if len(neighbors) != num_items:
+            raise ValueError(f"neighbour table has {len(neighbors)} rows but the data has {num_items} items")
+        choice = torch.randint(neighbors.shape[1], (num_items,), generator=generator)
+        return {"pair_index": neighbors.gather(1, choice.unsqueeze(1)).squeeze(1)}
+
+    return draw
+
+
+class IndexBatchLoader:
+    """Iterable of per-rank batches ``{"index": LongTensor[b], ...}``.
+
+    ``draw`` adds per-item random choices (a neighbour, which views of a sentence to pair): drawn
+    for every item once per epoch, after the permutation and from the same generator, so they do
+    not depend on how the global batch is split over ranks.
     """
 
-    def __init__(self, sampler: EpochPermutation, neighbors: torch.Tensor | None = None) -> None:
-        if neighbors is not None and len(neighbors) != sampler.num_items:
-            raise ValueError(
-                f"neighbour table has {len(neighbors)} rows but the data has {sampler.num_items} items"
-            )
+    def __init__(self, sampler: EpochPermutation, draw: ItemDraw | None = None) -> None:
         self.sampler = sampler
         self.batch_sampler = None  # Lightning inspects a loader's samplers like a DataLoader's
-        self.neighbors = neighbors
+        self.draw = draw
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -97,12 +109,6 @@ class IndexBatchLoader:
         generator = self.sampler.generator()
         num_items = self.sampler.num_items
         order = torch.randperm(num_items, generator=generator) if self.sampler.shuffle else torch.arange(num_items)
-        pair_of = None
-        if self.neighbors is not None:
-            choice = torch.randint(self.neighbors.shape[1], (num_items,), generator=generator)
-            pair_of = self.neighbors.gather(1, choice.unsqueeze(1)).squeeze(1)
+        drawn = self.draw(generator, num_items) if self.draw is not None else {}
         for indices in self.sampler.batches(order):
-            batch = {"index": indices}
-            if pair_of is not None:
-                batch["pair_index"] = pair_of[indices]
-            yield batch
+            yield {"index": indices} | {name: values[indices] for name, values in drawn.items()}

@@ -1,8 +1,12 @@
-"""Clustering metrics from torchmetrics, plus cluster occupancy; all reduce correctly over DDP ranks."""
+"""Clustering metrics (torchmetrics), cluster occupancy and paraphrase retrieval, correct over DDP ranks."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.clustering import (
     AdjustedMutualInfoScore,
@@ -10,6 +14,7 @@ from torchmetrics.clustering import (
     ClusterAccuracy,
     NormalizedMutualInfoScore,
 )
+from torchmetrics.retrieval import RetrievalHitRate
 from torchmetrics.functional.clustering.mutual_info_score import _mutual_info_score_compute, _mutual_info_score_update
 from torchmetrics.functional.clustering.utils import calculate_entropy, calculate_generalized_mean
 from torchmetrics.utilities import dim_zero_cat
@@ -94,3 +99,48 @@ class FastAdjustedMutualInfoScore(AdjustedMutualInfoScore):
         eps = torch.finfo(denominator.dtype).eps
         denominator = torch.where(denominator < 0, denominator.clamp(max=-eps), denominator.clamp(min=eps))
         return (mutual_info - expected) / denominator
+
+
+def paraphrase_retrieval(z: torch.Tensor, z_paraphrase: torch.Tensor, z_counterfactual: torch.Tensor,
+                         counterfactual_kind: torch.Tensor | None = None, kind_names: Sequence[str] = (),
+                         top_k: tuple[int, ...] = (1, 5)) -> dict[str, torch.Tensor]:
+    """Paraphrase retrieval and the cosine gap (spec 004, P2 "Metrics") on held-out items.
+
+    Each query ``z[i]`` searches a pool of every item's paraphrases ``z_paraphrase [M, P, D]``;
+    ``r{k}`` is the share of queries with one of their own paraphrases among the ``k`` most
+    cosine-similar entries (hit rate; spec: "Retrieval@1/5 over paraphrase pools").
+    ``r{k}_with_counterfactuals`` adds every item's counterfactuals ``z_counterfactual [M, K, D]``
+    to the pool as distractors worded like the queries, a harder test than the spec's.
+    ``cos_gap`` is the mean over items of ``mean_p cos(z, z_p) - mean_k cos(z, z_cf_k)``; with
+    ``counterfactual_kind [M, K]`` (indices into ``kind_names``), ``cos_gap_<kind>`` is the gap
+    against each kind of counterfactual alone.
+    """
+    queries = F.normalize(z.float(), dim=-1)
+    paraphrases = rearrange(F.normalize(z_paraphrase.float(), dim=-1), "m p d -> (m p) d")
+    counterfactuals = rearrange(F.normalize(z_counterfactual.float(), dim=-1), "m k d -> (m k) d")
+    owner = torch.arange(len(z), device=z.device)
+    own_paraphrase = repeat(owner, "m -> q (m p)", q=len(z), p=z_paraphrase.shape[1]) == owner[:, None]
+    no_counterfactual = own_paraphrase.new_zeros(len(z), len(counterfactuals))
+    results = _hit_rates(queries @ paraphrases.T, own_paraphrase, top_k, "")
+    results |= _hit_rates(queries @ torch.cat([paraphrases, counterfactuals]).T,
+                          torch.cat([own_paraphrase, no_counterfactual], dim=1), top_k, "_with_counterfactuals")
+    cos_paraphrase = (queries[:, None] * paraphrases.view(*z_paraphrase.shape[:2], -1)).sum(-1).mean(1)
+    cos_counterfactual = (queries[:, None] * counterfactuals.view(*z_counterfactual.shape[:2], -1)).sum(-1)
+    results |= {"cos_paraphrase": cos_paraphrase.mean(), "cos_counterfactual": cos_counterfactual.mean(),
+                "cos_gap": cos_paraphrase.mean() - cos_counterfactual.mean()}
+    if counterfactual_kind is not None:
+        gaps = cos_paraphrase[:, None] - cos_counterfactual
+        results |= {f"cos_gap_{name}": gaps[counterfactual_kind == index].mean()
+                    for index, name in enumerate(kind_names) if (counterfactual_kind == index).any()}
+    return results
+
+
+def _hit_rates(similarity: torch.Tensor, relevant: torch.Tensor, top_k: tuple[int, ...],
+               suffix: str) -> dict[str, torch.Tensor]:
+    """torchmetrics' hit rate@k of each query (row) over its pool (columns), averaged over queries."""
+    indexes = repeat(torch.arange(len(similarity), device=similarity.device), "q -> q n", n=similarity.shape[1])
+    results = {}
+    for k in top_k:
+        hit_rate = RetrievalHitRate(top_k=k, sync_on_compute=False).to(similarity.device)
+        results[f"r{k}{suffix}"] = hit_rate(similarity.flatten(), relevant.flatten(), indexes.flatten())
+    return results

@@ -8,7 +8,7 @@ import torch
 
 from datamodules import EmbeddingsDataModule
 from datamodules.arrays import save_temi_folder
-from datamodules.index_batches import EpochPermutation, IndexBatchLoader
+from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw
 from tests.conftest import blob_data
 
 
@@ -109,7 +109,7 @@ def _epoch(loader, epoch):
 
 def test_epochs_are_reproducible_and_differ():
     neighbours = torch.randint(0, 100, (100, 7))
-    loader = IndexBatchLoader(EpochPermutation(100, 16, shuffle=True, drop_last=True, seed=3), neighbours)
+    loader = IndexBatchLoader(EpochPermutation(100, 16, shuffle=True, drop_last=True, seed=3), neighbour_draw(neighbours))
     first, again, second = _epoch(loader, 0), _epoch(loader, 0), _epoch(loader, 1)
     assert len(first) == len(loader) == 6
     assert all(torch.equal(a["index"], b["index"]) and torch.equal(a["pair_index"], b["pair_index"])
@@ -121,8 +121,8 @@ def test_epochs_are_reproducible_and_differ():
 
 def test_ranks_split_the_same_global_batch():
     neighbours = torch.randint(0, 100, (100, 5))
-    single = IndexBatchLoader(EpochPermutation(100, 32, True, True, seed=1), neighbours)
-    ranks = [IndexBatchLoader(EpochPermutation(100, 16, True, True, seed=1, rank=r, world_size=2), neighbours)
+    single = IndexBatchLoader(EpochPermutation(100, 32, True, True, seed=1), neighbour_draw(neighbours))
+    ranks = [IndexBatchLoader(EpochPermutation(100, 16, True, True, seed=1, rank=r, world_size=2), neighbour_draw(neighbours))
              for r in range(2)]
     for whole, part0, part1 in zip(_epoch(single, 2), _epoch(ranks[0], 2), _epoch(ranks[1], 2), strict=True):
         for key in ("index", "pair_index"):

@@ -1,0 +1,244 @@
+"""Sentences about colored blocks, as token ids for the visual-latent encoder (spec 004, section 0).
+
+Training items are scenes of the train split, each with ``views_per_scene`` meaning-preserving
+realizations and ``counterfactuals_per_scene`` meaning-breaking ones (``datamodules.blocks``).
+Every epoch draws, per scene, two distinct views and one counterfactual from a generator seeded by
+``(seed, epoch)``, so resumed and multi-GPU runs see the same pairs.
+
+Validation and test read the evaluation pack shipped with the code (held-out scenes of the val and
+test splits): each item's sentence, its paraphrases and its counterfactuals.
+
+All ids are held as tensors, moved once to the module's device, and gathered there per batch.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
+
+from datamodules.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
+from datamodules.bpe import encode, train_bpe, trim_padding
+from datamodules.index_batches import EpochPermutation, IndexBatchLoader, ItemDraw
+
+_EVAL_SPLIT = {RunningStage.SANITY_CHECKING: "val", RunningStage.VALIDATING: "val",
+               RunningStage.TESTING: "test", RunningStage.PREDICTING: "test"}
+
+
+def view_pair_draw(num_views: int, num_counterfactuals: int, per_anchor: int = 1) -> ItemDraw:
+    """Per item: two distinct view slots ``view_a != view_b``, and ``per_anchor`` distinct
+    counterfactuals worded like ``view_a`` (slots ``view_a + num_views * round``: counterfactual ``i``
+    is a minimal pair with view ``i % num_views``), the hardest negatives for the anchor."""
+    if num_views < 2:
+        raise ValueError(f"views_per_scene={num_views}: contrastive pairs need at least 2 views")
+    if num_counterfactuals < num_views or num_counterfactuals % num_views:
+        raise ValueError(f"counterfactuals_per_scene={num_counterfactuals} must be a positive multiple of "
+                         f"views_per_scene={num_views}, so that every view has its minimal-pair negatives")
+    rounds = num_counterfactuals // num_views
+    if not 1 <= per_anchor <= rounds:
+        raise ValueError(f"counterfactuals_per_anchor={per_anchor} must lie in [1, {rounds}] "
+                         f"(counterfactuals_per_scene / views_per_scene)")
+
+    def draw(generator: torch.Generator, num_items: int) -> dict[str, torch.Tensor]:
+        view_a = torch.randint(num_views, (num_items,), generator=generator)
+        offset = torch.randint(1, num_views, (num_items,), generator=generator)
+        chosen_rounds = torch.rand(num_items, rounds, generator=generator).argsort(dim=1)[:, :per_anchor]
+        return {"view_a": view_a, "view_b": (view_a + offset) % num_views,
+                "counterfactual": view_a[:, None] + num_views * chosen_rounds}
+
+    return draw
+
+
+class BlocksTextDataModule(L.LightningDataModule):
+    """Token ids of generated block-world sentences, their views and counterfactuals.
+
+    Args:
+        num_train_scenes: distinct training scenes generated from ``seed``.
+        views_per_scene, counterfactuals_per_scene: realizations generated per training scene;
+            counterfactual ``i`` is a minimal pair with view ``i % views_per_scene``, and with 4 x
+            views_per_scene each view has one of each kind (color, relation, count, swapped arguments).
+        counterfactuals_per_anchor: negatives worded like the anchor drawn per item and step.
+        vocab_size: size of the byte-level BPE vocabulary (an upper bound: a small corpus may
+            need fewer merges); linked to the model's embedding table.
+        max_length: longest tokenized sentence allowed (spec: 64).
+        tokenizer_file: a saved ``tokenizer.json`` to use instead of training one.
+        batch_size: scenes per device and step; eval_batch_size: evaluation items per batch.
+        eval_items: evaluate on the first ``eval_items`` items of the pack (``None``: all).
+        seed: seeds the corpus and each epoch's view draws.
+    """
+
+    def __init__(
+        self,
+        num_train_scenes: int = 20000,
+        views_per_scene: int = 6,
+        counterfactuals_per_scene: int = 24,
+        counterfactuals_per_anchor: int = 1,
+        vocab_size: int = 4096,
+        max_length: int = 64,
+        tokenizer_file: str | None = None,
+        batch_size: int = 256,
+        eval_batch_size: int = 256,
+        eval_items: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self._tokenizer: Tokenizer | None = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._device_tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(scenes={self.hparams.num_train_scenes}, seed={self.hparams.seed})"
+
+    # ---- linked to the model ---------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.hparams.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self.hparams.max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.hparams.batch_size
+
+    # ---- corpus and tokenizer --------------------------------------------------------------
+    @cached_property
+    def train_examples(self) -> list[dict]:
+        hp = self.hparams
+        return training_examples(hp.num_train_scenes, hp.seed, hp.views_per_scene, hp.counterfactuals_per_scene)
+
+    @cached_property
+    def eval_pack(self) -> dict:
+        return load_eval_pack()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = self._load_or_train_tokenizer()
+        return self._tokenizer
+
+    def _load_or_train_tokenizer(self) -> Tokenizer:
+        if self.hparams.tokenizer_file is not None:
+            path = Path(self.hparams.tokenizer_file)
+            if not path.exists():
+                raise FileNotFoundError(f"data.tokenizer_file {path} does not exist")
+            tokenizer = Tokenizer.from_file(str(path))
+        else:
+            sentences = (s for item in self.train_examples for s in item["views"] + item["counterfactuals"])
+            tokenizer = train_bpe(sentences, self.hparams.vocab_size)
+        if tokenizer.get_vocab_size() > self.hparams.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.get_vocab_size()} ids but data.vocab_size is {self.hparams.vocab_size}"
+            )
+        return tokenizer
+
+    def _encode(self, sentences: list[str]) -> torch.Tensor:
+        return encode(self.tokenizer, sentences, self.hparams.max_length)
+
+    def _encode_all(self) -> None:
+        train = self.train_examples
+        views = self._encode([s for item in train for s in item["views"]])
+        counterfactuals = self._encode([s for item in train for s in item["counterfactuals"]])
+        self._tensors = {
+            "train_views": trim_padding(views.view(len(train), -1, views.shape[-1])),
+            "train_counterfactuals": trim_padding(
+                counterfactuals.view(len(train), -1, counterfactuals.shape[-1])
+            ),
+        }
+        for split in ("val", "test"):
+            items = self.eval_pack[split][: self.hparams.eval_items]
+            self._tensors[f"{split}_sentence"] = self._encode([item["sentence"] for item in items])
+            for key in ("paraphrases", "counterfactuals"):
+                flat = self._encode([s for item in items for s in item[key]])
+                self._tensors[f"{split}_{key}"] = flat.view(len(items), -1, flat.shape[-1])
+            self._tensors[f"{split}_counterfactual_kind"] = torch.tensor(
+                [[COUNTERFACTUAL_KINDS.index(kind) for kind in item["counterfactual_kinds"]] for item in items]
+            )
+        self._device_tensors.clear()
+
+    def setup(self, stage: str) -> None:
+        if not self._tensors:
+            self._encode_all()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Every rank trains the same BPE from the same corpus; rank 0's is made the rule anyway.
+            self.load_state_dict({"tokenizer": self.trainer.strategy.broadcast(self.tokenizer.to_str(), src=0)})
+        if stage == "fit" and self.trainer is not None and self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / "tokenizer.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(str(path))
+            rank_zero_info(f"tokenizer ({self.tokenizer.get_vocab_size()} ids) saved to {path}")
+
+    def state_dict(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_str()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A checkpoint's tokenizer wins over a freshly trained one (ids must mean what they meant)."""
+        saved = state_dict["tokenizer"]
+        if saved != self.tokenizer.to_str():
+            self._tokenizer = Tokenizer.from_str(saved)
+            self._encode_all()
+
+    @property
+    def montage_sentences(self) -> list[str]:
+        """The 16 fixed sentences of the latent montage: the first 16 validation items."""
+        return [item["sentence"] for item in self.eval_pack["val"][:16]]
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> IndexBatchLoader:
+        rank, world_size = self._rank_and_world()
+        views = self._tensors["train_views"]
+        sampler = EpochPermutation(len(views), self.hparams.batch_size, shuffle=True, drop_last=True,
+                                   seed=self.hparams.seed, rank=rank, world_size=world_size)
+        draw = view_pair_draw(views.shape[1], self._tensors["train_counterfactuals"].shape[1],
+                              self.hparams.counterfactuals_per_anchor)
+        return IndexBatchLoader(sampler, draw)
+
+    def _eval_loader(self, split: str) -> IndexBatchLoader:
+        rank, world_size = self._rank_and_world()
+        sampler = EpochPermutation(len(self._tensors[f"{split}_sentence"]), self.hparams.eval_batch_size,
+                                   shuffle=False, drop_last=False, rank=rank, world_size=world_size)
+        return IndexBatchLoader(sampler)
+
+    def val_dataloader(self) -> IndexBatchLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> IndexBatchLoader:
+        return self._eval_loader("test")
+
+    def _on_device(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._device_tensors:
+            self._device_tensors[key] = self._tensors[name].to(device)
+        return self._device_tensors[key]
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Gather token ids on the device: ``view_a``, ``view_b`` ``[b, L]`` and ``counterfactual``
+        ``[b, n, L]`` in training; ``sentence [b, L]``, ``paraphrases [b, P, L]``,
+        ``counterfactuals [b, K, L]`` and
+        ``counterfactual_kind [b, K]`` (index into ``COUNTERFACTUAL_KINDS``) in evaluation."""
+        index, device = batch["index"], batch["index"].device
+        stage = self.trainer.state.stage if self.trainer is not None else RunningStage.TRAINING
+        if stage == RunningStage.TRAINING:
+            views = self._on_device("train_views", device)[index]
+            counterfactuals = self._on_device("train_counterfactuals", device)[index]
+            rows = torch.arange(len(index), device=device)
+            batch["view_a"] = trim_padding(views[rows, batch["view_a"]])
+            batch["view_b"] = trim_padding(views[rows, batch["view_b"]])
+            batch["counterfactual"] = trim_padding(counterfactuals[rows[:, None], batch["counterfactual"]])
+            return batch
+        split = _EVAL_SPLIT[stage]
+        for key in ("sentence", "paraphrases", "counterfactuals"):
+            batch[key] = trim_padding(self._on_device(f"{split}_{key}", device)[index])
+        batch["counterfactual_kind"] = self._on_device(f"{split}_counterfactual_kind", device)[index]
+        return batch

@@ -1,0 +1,21 @@
+"""Collectives that every rank calls, for evaluation data gathered across DDP ranks."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+def gather_rows(module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``rows [n_r, ...]`` of every rank in rank order, when ranks hold different ``n_r``.
+
+    ``all_gather`` needs equal shapes, so each rank pads to the largest ``n_r`` and the padding is
+    cut away after the gather. Without a trainer or with one process this is the identity.
+    """
+    if module._trainer is None or module.trainer.world_size == 1:
+        return rows
+    counts = module.all_gather(torch.tensor(len(rows), device=rows.device)).flatten().tolist()
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    gathered = module.all_gather(padded)  # [world, max_n, ...]
+    return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])

@@ -1,0 +1,34 @@
+"""Contrastive objectives on readout embeddings ``z = g(V)`` (spec 004, P2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, positive_index: torch.Tensor,
+             temperature: float = 0.07) -> torch.Tensor:
+    """InfoNCE (van den Oord et al. 2018) with cosine similarity:
+    ``-log exp(s(q_i, k_{p(i)}) / t) / sum_j exp(s(q_i, k_j) / t)``, averaged over queries.
+
+    ``keys`` holds every candidate: the positives of all queries (in-batch negatives for the
+    others) and any extra negatives, e.g. the counterfactuals of P2. ``positive_index[i]`` is the
+    row of ``keys`` that is the positive of ``queries[i]``.
+    """
+    if queries.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} differ in width")
+    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
+    return F.cross_entropy(logits, positive_index)
+
+
+def vicreg_regularizer(z: torch.Tensor, std_target: float = 1.0, eps: float = 1e-4) -> dict[str, torch.Tensor]:
+    """VICReg's variance and covariance terms on one branch (Bardes et al. 2022, eq. 1 and 3):
+    hinge on each dimension's std across the batch, and squared off-diagonal covariances / D."""
+    z = z - z.mean(dim=0)
+    std = torch.sqrt(z.var(dim=0) + eps)
+    covariance = z.T @ z / (len(z) - 1)
+    off_diagonal = covariance - torch.diag_embed(torch.diagonal(covariance))
+    return {
+        "variance": F.relu(std_target - std).mean(),
+        "covariance": off_diagonal.pow(2).sum() / z.shape[1],
+    }

@@ -1,0 +1,308 @@
+"""Text to a 2-D "visual" latent, trained on text alone (spec 004, phases P1 and P2).
+
+A pre-LN Transformer reads a sentence; a grid cross-attention head paints ``V [B, C, H, W]``
+(``modules.networks``). P1 shapes ``V`` with the analytic image-ness priors only
+(``contrastive_weight: 0``, ``configs/p1_priors.yaml``); P2 adds InfoNCE between readouts
+``z = g(V)`` of two meaning-preserving views, with the in-batch items and the constructed
+counterfactuals as negatives (``configs/p2_contrastive.yaml``): ``L = L_img + alpha * InfoNCE``.
+
+Every prior is a per-sentence statistic, so a latent that ignores the text satisfies them all; the
+public attempt at this plan collapsed exactly so. ``text_variance_weight`` (on by default; 0 is the
+spec's literal P1) keeps the latent's variance across sentences above ``min_text_variance``, and
+validation measures the share of variance that depends on the text (``val/text_dependence``).
+
+Validation reports on held-out scenes: the latent's statistics (spectral slope per channel, TV,
+gradient kurtosis, channel correlation), paraphrase retrieval R@1/R@5 and the cosine gap
+``cos(z, z_paraphrase) - cos(z, z_counterfactual)``; the phase gates (``callbacks.phase_gate``)
+read these names.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from datamodules.blocks import COUNTERFACTUAL_KINDS
+from datamodules.bpe import PAD_ID
+from modules.distributed import gather_rows
+from modules.latent_snapshot import LatentSnapshot
+from modules.losses.contrastive import info_nce, vicreg_regularizer
+from modules.losses.image_priors import (
+    PRIOR_NAMES,
+    gaussian_blur,
+    image_prior_terms,
+    latent_statistics,
+    text_variance_loss,
+)
+from modules.metrics import paraphrase_retrieval
+from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
+from modules.networks.readout import MeanVarReadout
+from modules.networks.text_encoder import TextTransformer
+from modules.optim import decay_groups, warmup_cosine_scheduler
+
+SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis": 0.05, "cov": 0.05,
+                      "var": 0.05}
+MONTAGE_SIZE = 16
+
+
+class VisualLatentText(L.LightningModule):
+    """Encoder ``E: text -> V``, readout ``g: V -> z``, priors and contrast.
+
+    Args:
+        vocab_size, max_length: linked from the datamodule.
+        dim, depth, heads, ffn_dim, dropout, positions: the Transformer (spec: 384, 6, 8, 1536, 0.1).
+        grid_size, channels, query_channels, head_depth, head_ffn_dim, smoothing, coordinate_channels:
+            the grid cross-attention head (spec: 32, 6, 64, 2, 768; smoothing head optional).
+        head_dim, head_dropout: the head's width and dropout when they differ from the encoder's
+            (``None``: the same; a narrower head reads linearly projected token states).
+        embedding_dim, readout_hidden_dim, pool_levels: ``g(V)``, mean/var pooling over the whole
+            map (level 1, the spec's form) and over n x n cells for each further level, then an MLP.
+        prior_weights: lambda per prior (spec: 0.5, 0.1, 0.1, 0.05, 0.05, 0.05).
+        target_alpha, target_variance, kurtosis_target, wavelet: targets of the priors.
+        text_variance_weight, min_text_variance: the anti-collapse term (0 = the spec's form).
+        blur_sigma, blur_epochs: Gaussian blur of V before the priors in the first epochs.
+        contrastive_weight: alpha of InfoNCE (0 in P1); temperature: tau (spec 0.07).
+        counterfactual_negatives: add each scene's counterfactual to the negatives.
+        vicreg_weight: optional VICReg variance + covariance terms on ``z``.
+        lr, betas, weight_decay, warmup_steps, min_lr_factor: AdamW and the cosine schedule.
+        alpha_range: channels whose spectral slope lies here count as image-like.
+        init_from: a checkpoint (e.g. the end of P1) whose weights start this run.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int = 64,
+        dim: int = 384,
+        depth: int = 6,
+        heads: int = 8,
+        ffn_dim: int = 1536,
+        dropout: float = 0.1,
+        positions: Literal["rope", "learned"] = "rope",
+        grid_size: int = 32,
+        channels: int = 6,
+        query_channels: int = 64,
+        head_dim: int | None = None,
+        head_depth: int = 2,
+        head_ffn_dim: int = 768,
+        head_dropout: float | None = None,
+        smoothing: bool = False,
+        coordinate_channels: bool = False,
+        embedding_dim: int = 256,
+        readout_hidden_dim: int = 512,
+        pool_levels: tuple[int, ...] = (1,),
+        prior_weights: dict[str, float] | None = None,
+        target_alpha: float = 2.0,
+        target_variance: float = 1.0,
+        kurtosis_target: float = 4.0,
+        wavelet: str = "db2",
+        text_variance_weight: float = 0.05,
+        min_text_variance: float = 0.5,
+        blur_sigma: float = 0.8,
+        blur_epochs: int = 2,
+        contrastive_weight: float = 1.0,
+        temperature: float = 0.07,
+        counterfactual_negatives: bool = True,
+        vicreg_weight: float = 0.0,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        warmup_steps: int = 1000,
+        min_lr_factor: float = 0.0,
+        alpha_range: tuple[float, float] = (1.5, 2.5),
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.prior_weights = _checked_prior_weights(prior_weights)
+        self.encoder = TextToGrid(
+            TextTransformer(vocab_size, max_length, dim, depth, heads, ffn_dim, dropout, positions, PAD_ID),
+            GridCrossAttentionHead(head_dim or dim, grid_size, query_channels, channels, heads, head_ffn_dim,
+                                   head_depth, dropout if head_dropout is None else head_dropout, smoothing,
+                                   coordinate_channels),
+        )
+        self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels))
+        self.latent_snapshot: LatentSnapshot | None = None
+        self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        if init_from is not None:
+            self._load_weights(init_from)
+
+    def _load_weights(self, path: str) -> None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"init_from={path} is not a Lightning checkpoint (no 'state_dict')")
+        try:
+            self.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:
+            raise ValueError(f"init_from={path} does not match this model's architecture: {error}") from error
+        # The weights read token ids of the checkpoint's tokenizer; ``setup`` hands it to the data.
+        self._init_data_state = {name: state for name, state in checkpoint.items()
+                                 if name.endswith("DataModule")}
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        state = getattr(self, "_init_data_state", {}).get(type(datamodule).__name__)
+        if stage == "fit" and state is not None:
+            datamodule.load_state_dict(state)
+
+    # ---- the model -------------------------------------------------------------------------
+    def latent(self, ids: torch.Tensor) -> torch.Tensor:
+        """``V [B, C, H, W]`` for token ids ``[B, L]`` (padding = ``PAD_ID``)."""
+        return self.encoder(ids, ids != PAD_ID)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.latent(ids))
+
+    def _latents_of(self, *id_batches: torch.Tensor) -> list[torch.Tensor]:
+        """One encoder pass over several batches of ids of different lengths."""
+        length = max(ids.shape[-1] for ids in id_batches)
+        ids = torch.cat([F.pad(ids, (0, length - ids.shape[-1]), value=PAD_ID) for ids in id_batches])
+        return list(self.latent(ids).split([len(ids) for ids in id_batches]))
+
+    # ---- losses ----------------------------------------------------------------------------
+    def prior_loss(self, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``L_img = sum_i lambda_i L_i`` (spec P1, "Losses"), plus the anti-collapse term."""
+        hp = self.hparams
+        if self.current_epoch < hp.blur_epochs and hp.blur_sigma > 0:
+            v = gaussian_blur(v, hp.blur_sigma)
+        terms = image_prior_terms(v, hp.target_alpha, hp.target_variance, hp.kurtosis_target, hp.wavelet)
+        loss = sum(self.prior_weights[name] * terms[name] for name in PRIOR_NAMES)
+        if hp.text_variance_weight:
+            terms["text_variance"] = text_variance_loss(v, hp.min_text_variance)
+            loss = loss + hp.text_variance_weight * terms["text_variance"]
+        return loss, terms
+
+    def contrastive_loss(self, z_a: torch.Tensor, z_b: torch.Tensor,
+                         z_negative: torch.Tensor | None) -> torch.Tensor:
+        """Symmetric InfoNCE over the global batch: each view's positive is the other view of its
+        scene; every other scene's views (all ranks) and the counterfactuals are negatives."""
+        rank = self.global_rank if self._trainer is not None else 0
+        positive = torch.arange(len(z_a), device=z_a.device) + rank * len(z_a)
+        all_a, all_b = self._gathered(z_a), self._gathered(z_b)
+        extra = [self._gathered(z_negative)] if z_negative is not None else []
+        temperature = self.hparams.temperature
+        return 0.5 * (info_nce(z_a, torch.cat([all_b, *extra]), positive, temperature)
+                      + info_nce(z_b, torch.cat([all_a, *extra]), positive, temperature))
+
+    def _gathered(self, z: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return z
+        return self.all_gather(z, sync_grads=True).flatten(0, 1)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        if not hp.contrastive_weight:
+            latents = self._latents_of(batch["view_a"])
+        elif hp.counterfactual_negatives:
+            latents = self._latents_of(batch["view_a"], batch["view_b"], batch["counterfactual"].flatten(0, 1))
+        else:
+            latents = self._latents_of(batch["view_a"], batch["view_b"])
+        loss, terms = self.prior_loss(torch.cat(latents))
+        logs = {f"train/prior_{name}": value for name, value in terms.items()}
+        if hp.contrastive_weight:
+            z = [self.readout(v) for v in latents]
+            nce = self.contrastive_loss(z[0], z[1], z[2] if len(z) == 3 else None)
+            loss = loss + hp.contrastive_weight * nce
+            logs["train/info_nce"] = nce
+            if hp.vicreg_weight:
+                vicreg = vicreg_regularizer(torch.cat(z[:2]))
+                loss = loss + hp.vicreg_weight * (vicreg["variance"] + vicreg["covariance"])
+                logs |= {f"train/vicreg_{name}": value for name, value in vicreg.items()}
+        self.log_dict(logs, on_step=True, on_epoch=False, sync_dist=False)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    # ---- evaluation on held-out scenes -------------------------------------------------------
+    def _eval_step(self, batch: dict) -> None:
+        sentence, paraphrases, counterfactuals = batch["sentence"], batch["paraphrases"], batch["counterfactuals"]
+        b, p, k = len(sentence), paraphrases.shape[1], counterfactuals.shape[1]
+        v_sentence, v_paraphrase, v_counterfactual = self._latents_of(
+            sentence, paraphrases.flatten(0, 1), counterfactuals.flatten(0, 1)
+        )
+        self._eval_outputs.append({
+            "v": v_sentence,
+            "z": self.readout(v_sentence),
+            "z_paraphrase": self.readout(v_paraphrase).view(b, p, -1),
+            "z_counterfactual": self.readout(v_counterfactual).view(b, k, -1),
+            "counterfactual_kind": batch["counterfactual_kind"],
+        })
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_epoch_end(self, split: str) -> None:
+        outputs = {key: gather_rows(self, torch.cat([o[key] for o in self._eval_outputs]))
+                   for key in ("v", "z", "z_paraphrase", "z_counterfactual", "counterfactual_kind")}
+        self._eval_outputs.clear()
+        v = outputs["v"].float()
+        stats = latent_statistics(v)
+        low, high = self.hparams.alpha_range
+        alpha = stats["alpha"]
+        metrics = {
+            "channels_alpha_in_range": ((alpha >= low) & (alpha <= high)).sum().float(),
+            "tv": stats["tv"],
+            "grad_kurtosis_min": stats["kurtosis"].min(),
+            "max_offdiag_correlation": stats["max_offdiag_correlation"],
+            "text_dependence": stats["text_dependence"],
+        }
+        metrics |= {f"alpha_c{c}": value for c, value in enumerate(alpha)}
+        metrics |= paraphrase_retrieval(outputs["z"], outputs["z_paraphrase"], outputs["z_counterfactual"],
+                                        outputs["counterfactual_kind"], COUNTERFACTUAL_KINDS)
+        # Identical on every rank (computed from gathered outputs), so no reduction is needed.
+        self.log_dict({f"{split}/{name}": torch.as_tensor(value, dtype=torch.float32)
+                       for name, value in metrics.items()}, sync_dist=False)
+        self.latent_snapshot = _snapshot(v, stats, outputs, self.current_epoch, self.global_step)
+
+    # ---- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(decay_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = warmup_cosine_scheduler(optimizer, min(hp.warmup_steps, total), total, hp.min_lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def _checked_prior_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    weights = dict(SPEC_PRIOR_WEIGHTS if weights is None else weights)
+    unknown = set(weights) - set(PRIOR_NAMES)
+    if unknown:
+        raise ValueError(f"prior_weights has unknown priors {sorted(unknown)}; known: {list(PRIOR_NAMES)}")
+    return {name: float(weights.get(name, 0.0)) for name in PRIOR_NAMES}
+
+
+def _snapshot(v: torch.Tensor, stats: dict, outputs: dict, epoch: int, step: int) -> LatentSnapshot:
+    """What the plots need, on the CPU: the montage sentences' latents and a paraphrase-group map."""
+    z, z_paraphrase, z_counterfactual = outputs["z"], outputs["z_paraphrase"], outputs["z_counterfactual"]
+    groups = torch.arange(len(z), device=z.device)
+    num_paraphrases, num_counterfactuals = z_paraphrase.shape[1], z_counterfactual.shape[1]
+    all_z = torch.cat([z, z_paraphrase.flatten(0, 1), z_counterfactual.flatten(0, 1)])
+    all_groups = torch.cat([groups, groups.repeat_interleave(num_paraphrases),
+                            groups.repeat_interleave(num_counterfactuals)])
+    is_counterfactual = torch.zeros(len(all_z), dtype=torch.bool)
+    is_counterfactual[len(z) * (1 + num_paraphrases):] = True
+    return LatentSnapshot(
+        montage=v[:MONTAGE_SIZE].detach().cpu(),
+        radii=stats["radii"].cpu(),
+        power=stats["power"].cpu(),
+        alpha=stats["alpha"].cpu(),
+        correlation=stats["correlation"].cpu(),
+        tv=float(stats["tv"]),
+        kurtosis=stats["kurtosis"].cpu(),
+        z=all_z.detach().float().cpu(),
+        z_group=all_groups.cpu(),
+        z_is_counterfactual=is_counterfactual,
+        epoch=epoch,
+        global_step=step,
+    )
