@@ -30,7 +30,9 @@ from callbacks.random_state import RandomState  # noqa: E402
 
 DEFAULTS = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
 
-# Values that follow from the data, linked from the datamodule to the model when both exist.
+# Values that follow from the data, linked from the datamodule to the model when both have them.
+# A datamodule must not expose one of these names unless its model takes it: jsonargparse would pass
+# it on as an unexpected keyword, which also lands in checkpoints and breaks `--ckpt_path` loading.
 DATA_LINKS = ("input_dim", "num_clusters", "num_classes", "batch_size", "vocab_size", "max_length")
 
 

@@ -104,10 +104,6 @@ class BlocksTextDataModule(L.LightningDataModule):
     def max_length(self) -> int:
         return self.hparams.max_length
 
-    @property
-    def batch_size(self) -> int:
-        return self.hparams.batch_size
-
     # ---- corpus and tokenizer --------------------------------------------------------------
     @cached_property
     def train_examples(self) -> list[dict]:
