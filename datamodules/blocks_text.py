@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from datamodules.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
 from datamodules.bpe import encode, train_bpe, trim_padding
-from datamodules.index_batches import EpochPermutation, IndexBatchLoader, ItemDraw
+from datamodules.index_batches import EpochPermutation, IndexBatchLoader, ItemDraw, rank_and_world
 
 _EVAL_SPLIT = {RunningStage.SANITY_CHECKING: "val", RunningStage.VALIDATING: "val",
                RunningStage.TESTING: "test", RunningStage.PREDICTING: "test"}
@@ -187,12 +187,8 @@ class BlocksTextDataModule(L.LightningDataModule):
         return [item["sentence"] for item in self.eval_pack["val"][:16]]
 
     # ---- loaders ---------------------------------------------------------------------------
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> IndexBatchLoader:
-        rank, world_size = self._rank_and_world()
+        rank, world_size = rank_and_world(self.trainer)
         views = self._tensors["train_views"]
         sampler = EpochPermutation(len(views), self.hparams.batch_size, shuffle=True, drop_last=True,
                                    seed=self.hparams.seed, rank=rank, world_size=world_size)
@@ -201,7 +197,7 @@ class BlocksTextDataModule(L.LightningDataModule):
         return IndexBatchLoader(sampler, draw)
 
     def _eval_loader(self, split: str) -> IndexBatchLoader:
-        rank, world_size = self._rank_and_world()
+        rank, world_size = rank_and_world(self.trainer)
         sampler = EpochPermutation(len(self._tensors[f"{split}_sentence"]), self.hparams.eval_batch_size,
                                    shuffle=False, drop_last=False, rank=rank, world_size=world_size)
         return IndexBatchLoader(sampler)

@@ -34,7 +34,7 @@ from datamodules.arrays import (
     load_array,
     temi_folder_paths,
 )
-from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw
+from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw, rank_and_world
 from datamodules.knn import check_k, cosine_knn
 
 Split = Literal["train", "test"]
@@ -231,12 +231,8 @@ class EmbeddingsDataModule(L.LightningDataModule):
         if stage == "fit":
             self.neighbors  # noqa: B018 - fail early on a bad k, before training starts
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _loader(self, num_items: int, batch_size: int, train: bool) -> IndexBatchLoader:
-        rank, world_size = self._rank_and_world()
+        rank, world_size = rank_and_world(self.trainer)
         sampler = EpochPermutation(
             num_items, batch_size, shuffle=train, drop_last=train, seed=self.hparams.seed,
             rank=rank, world_size=world_size,

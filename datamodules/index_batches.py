@@ -20,6 +20,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+def rank_and_world(trainer) -> tuple[int, int]:
+    """This process's rank and the number of processes; ``(0, 1)`` outside a trainer."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 class EpochPermutation:
     """Global order of ``num_items`` for one epoch, cut into per-rank batches.
 

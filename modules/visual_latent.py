@@ -127,6 +127,7 @@ class VisualLatentText(L.LightningModule):
         self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels))
         self.latent_snapshot: LatentSnapshot | None = None
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        self._init_data_state: dict[str, dict] = {}
         if init_from is not None:
             self._load_weights(init_from)
 
@@ -144,7 +145,7 @@ class VisualLatentText(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        state = getattr(self, "_init_data_state", {}).get(type(datamodule).__name__)
+        state = self._init_data_state.get(type(datamodule).__name__)
         if stage == "fit" and state is not None:
             datamodule.load_state_dict(state)
 
