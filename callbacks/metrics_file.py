@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
+
+from callbacks.json_files import finite_or_none, write_json_atomically
 
 
 class MetricsFile(Callback):
@@ -29,11 +28,8 @@ class MetricsFile(Callback):
             return
         path = self.path(trainer)
         record = json.loads(path.read_text()) if path.exists() else {}
-        record[stage] = {name: _number(value) for name, value in sorted(trainer.callback_metrics.items())}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(partial, path)  # never leaves a half-written file behind
+        record[stage] = {name: finite_or_none(value) for name, value in sorted(trainer.callback_metrics.items())}
+        write_json_atomically(path, record)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer, "fit")
@@ -45,7 +41,3 @@ class MetricsFile(Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer, "test")
 
-
-def _number(value: torch.Tensor | float) -> float | None:
-    number = float(value)
-    return number if math.isfinite(number) else None

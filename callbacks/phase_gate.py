@@ -28,10 +28,7 @@ gate in a LightningCLI config::
 
 from __future__ import annotations
 
-import json
-import math
 import operator
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +39,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks.json_files import finite_or_none, write_json_atomically
 
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
@@ -191,7 +190,7 @@ class PhaseGate(Callback):
                passed: dict[str, bool]) -> None:
         criteria = [
             {"name": criterion.name, "metric": criterion.metric, "op": criterion.op,
-             "value": _finite_or_none(values[criterion.name]), "threshold": criterion.threshold,
+             "value": finite_or_none(values[criterion.name]), "threshold": criterion.threshold,
              "consecutive": criterion.consecutive, "held": held[criterion.name],
              "streak": self.streaks[criterion.name], "passed": passed[criterion.name]}
             for criterion in self.criteria
@@ -199,11 +198,7 @@ class PhaseGate(Callback):
         report = {"phase": self.phase, "stage": trainer.state.fn.value, "passed": all(passed.values()),
                   "evaluations": self.evaluations, "epoch": trainer.current_epoch,
                   "global_step": trainer.global_step, "criteria": criteria}
-        path = Path(trainer.default_root_dir) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(partial, path)  # readers never see a half-written report
+        write_json_atomically(Path(trainer.default_root_dir) / self.filename, report)
 
     def _stop_if_passed(self, trainer: L.Trainer, passed: bool) -> None:
         # Every rank must take the same decision, or the ranks that keep training wait forever.
@@ -227,6 +222,3 @@ class PhaseGate(Callback):
                 self.streaks[criterion.name] = saved["streak"]
                 self.windows[criterion.name] = list(saved["window"])
 
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

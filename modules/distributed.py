@@ -1,9 +1,21 @@
-"""Collectives that every rank calls, for evaluation data gathered across DDP ranks."""
+"""Collectives that every rank calls: global-batch negatives with gradients, evaluation outputs gathered."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+
+
+def _single_process(module: L.LightningModule) -> bool:
+    return module._trainer is None or module.trainer.world_size == 1
+
+
+def gather_with_gradients(module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+    """``rows [n, ...]`` of every rank (equal ``n``) concatenated in rank order, with gradients flowing
+    back to each rank's own rows: in-batch negatives over the global batch."""
+    if _single_process(module):
+        return rows
+    return module.all_gather(rows, sync_grads=True).flatten(0, 1)
 
 
 def gather_rows(module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
@@ -12,7 +24,7 @@ def gather_rows(module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
     ``all_gather`` needs equal shapes, so each rank pads to the largest ``n_r`` and the padding is
     cut away after the gather. Without a trainer or with one process this is the identity.
     """
-    if module._trainer is None or module.trainer.world_size == 1:
+    if _single_process(module):
         return rows
     counts = module.all_gather(torch.tensor(len(rows), device=rows.device)).flatten().tolist()
     padded = rows.new_zeros((max(counts), *rows.shape[1:]))

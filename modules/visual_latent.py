@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from datamodules.blocks import COUNTERFACTUAL_KINDS
 from datamodules.bpe import PAD_ID
-from modules.distributed import gather_rows
+from modules.distributed import gather_rows, gather_with_gradients
 from modules.latent_snapshot import LatentSnapshot
 from modules.losses.contrastive import info_nce, vicreg_regularizer
 from modules.losses.image_priors import (
@@ -182,16 +182,11 @@ class VisualLatentText(L.LightningModule):
         scene; every other scene's views (all ranks) and the counterfactuals are negatives."""
         rank = self.global_rank if self._trainer is not None else 0
         positive = torch.arange(len(z_a), device=z_a.device) + rank * len(z_a)
-        all_a, all_b = self._gathered(z_a), self._gathered(z_b)
-        extra = [self._gathered(z_negative)] if z_negative is not None else []
+        all_a, all_b = gather_with_gradients(self, z_a), gather_with_gradients(self, z_b)
+        extra = [gather_with_gradients(self, z_negative)] if z_negative is not None else []
         temperature = self.hparams.temperature
         return 0.5 * (info_nce(z_a, torch.cat([all_b, *extra]), positive, temperature)
                       + info_nce(z_b, torch.cat([all_a, *extra]), positive, temperature))
-
-    def _gathered(self, z: torch.Tensor) -> torch.Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return z
-        return self.all_gather(z, sync_grads=True).flatten(0, 1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams

@@ -9,6 +9,7 @@ from pathlib import Path
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -41,3 +42,9 @@ TINY_TEMI = {
     # A few dozen steps only: a teacher EMA of 0.996 would barely move in that time.
     "teacher_momentum": 0.9, "final_teacher_momentum": 0.9,
 }
+
+
+def quiet_trainer(epochs: int, root: Path, callbacks=(), **kwargs) -> L.Trainer:
+    """A CPU Trainer for in-process fits: no logger, progress bar or model summary."""
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **kwargs)

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from callbacks.random_state import RandomState
 from datamodules import EmbeddingsDataModule
 from modules.temi import TEMIClustering
-from tests.conftest import TINY_TEMI
+from tests.conftest import TINY_TEMI, quiet_trainer
 
 
 class EpochLosses(Callback):
@@ -27,17 +27,12 @@ def blob_module(blob_files, batch_size=32, **overrides):
     return model, data
 
 
-def trainer(epochs, root, callbacks=(), **kwargs):
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **kwargs)
-
-
 def test_smoke_fit_learns_clusters(blob_files, tmp_path):
     L.seed_everything(0)
     model, data = blob_module(blob_files)
     losses = EpochLosses()
-    trainer(12, tmp_path, [losses], enable_checkpointing=False).fit(model, data)
-    metrics = trainer(1, tmp_path, enable_checkpointing=False).validate(model, data, verbose=False)[0]
+    quiet_trainer(12, tmp_path, [losses], enable_checkpointing=False).fit(model, data)
+    metrics = quiet_trainer(1, tmp_path, enable_checkpointing=False).validate(model, data, verbose=False)[0]
     assert losses.losses[-1] < losses.losses[0] - 0.3
     assert metrics["val/acc"] > 0.9  # chance is about 0.3 for 4 balanced clusters
     assert metrics["val/clusters_used"] >= 3
@@ -49,10 +44,10 @@ def test_last_layer_is_frozen_during_the_first_epoch(blob_files, tmp_path):
     model, data = blob_module(blob_files, freeze_last_layer_epochs=1)
     initial = [p.clone() for p in model.student.last_layer.parameters()]
     first_layer = [p.clone() for p in model.student.parameters()][0]
-    trainer(1, tmp_path, enable_checkpointing=False).fit(model, data)
+    quiet_trainer(1, tmp_path, enable_checkpointing=False).fit(model, data)
     assert all(torch.equal(a, b) for a, b in zip(initial, model.student.last_layer.parameters()))
     assert not torch.equal(first_layer, next(model.student.parameters()))
-    trainer(2, tmp_path, enable_checkpointing=False).fit(model, data)
+    quiet_trainer(2, tmp_path, enable_checkpointing=False).fit(model, data)
     assert not all(torch.equal(a, b) for a, b in zip(initial, model.student.last_layer.parameters()))
 
 
@@ -83,7 +78,7 @@ def test_resume_is_exact(blob_files, tmp_path, heads):
         L.seed_everything(0)
         model, data = blob_module(blob_files, **overrides)
         checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)
-        fit_trainer = trainer(epochs, root, [checkpoint, RandomState()])
+        fit_trainer = quiet_trainer(epochs, root, [checkpoint, RandomState()])
         fit_trainer.fit(model, data, ckpt_path=ckpt_path)
         return model, fit_trainer
 

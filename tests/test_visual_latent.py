@@ -15,6 +15,7 @@ from callbacks.phase_gate import GateCriterion, PhaseGate
 from callbacks.random_state import RandomState
 from datamodules.blocks_text import BlocksTextDataModule
 from modules.visual_latent import VisualLatentText
+from tests.conftest import quiet_trainer
 from tests.test_cli import cli
 
 TINY_MODEL = {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64, "dropout": 0.0, "head_dim": 16, "head_depth": 1,
@@ -32,13 +33,8 @@ def tiny(**model_overrides) -> tuple[VisualLatentText, BlocksTextDataModule]:
     return model, data
 
 
-def trainer(root, epochs, callbacks=(), **kwargs) -> L.Trainer:
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **kwargs)
-
-
 def validate(model, data, root) -> dict[str, float]:
-    return trainer(root, 1, enable_checkpointing=False).validate(model, data, verbose=False)[0]
+    return quiet_trainer(1, root, enable_checkpointing=False).validate(model, data, verbose=False)[0]
 
 
 def test_p1_priors_fall_and_the_latent_keeps_depending_on_the_text(tmp_path):
@@ -48,7 +44,7 @@ def test_p1_priors_fall_and_the_latent_keeps_depending_on_the_text(tmp_path):
     batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
     with torch.no_grad():
         before = model.prior_loss(model.latent(batch["view_a"]))[0].item()
-    trainer(tmp_path, 6, enable_checkpointing=False).fit(model, data)
+    quiet_trainer(6, tmp_path, enable_checkpointing=False).fit(model, data)
     model.eval()
     with torch.no_grad():
         after = model.prior_loss(model.latent(batch["view_a"]))[0].item()
@@ -60,7 +56,7 @@ def test_p2_learns_to_retrieve_paraphrases(tmp_path):
     L.seed_everything(0)
     model, data = tiny()
     untrained = validate(model, data, tmp_path)
-    trainer(tmp_path, 8, enable_checkpointing=False).fit(model, data)
+    quiet_trainer(8, tmp_path, enable_checkpointing=False).fit(model, data)
     trained = validate(model, data, tmp_path)
     # pool: 32 items x (4 paraphrases + 4 counterfactuals); chance R@5 = 1 - (1 - 4/256)^5 ~ 0.08
     assert trained["val/r5"] > 0.5 and trained["val/r5"] > untrained["val/r5"] + 0.2
@@ -89,7 +85,7 @@ def test_resume_is_exact(tmp_path):
         callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True), RandomState(),
                      EMAWeightAveraging(decay=0.9), gate]
         callbacks += [StopAfterEpoch(interrupt)] if interrupt is not None else []
-        fit_trainer = trainer(root, 3, callbacks, limit_train_batches=3, limit_val_batches=1)
+        fit_trainer = quiet_trainer(3, root, callbacks, limit_train_batches=3, limit_val_batches=1)
         fit_trainer.fit(model, data, ckpt_path=ckpt_path)
         return model, fit_trainer, gate
 
@@ -110,14 +106,15 @@ def test_resume_is_exact(tmp_path):
 def test_p2_starts_from_a_p1_checkpoint(tmp_path):
     L.seed_everything(0)
     p1, data = tiny(contrastive_weight=0.0)
-    trainer(tmp_path, 1, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=False).fit(p1, data)
+    quiet_trainer(1, tmp_path, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=False).fit(p1, data)
     path = tmp_path / "p1.ckpt"
     torch.save({"state_dict": p1.state_dict(), "BlocksTextDataModule": data.state_dict()}, path)
     p2, _ = tiny(init_from=str(path))
     assert all(torch.equal(a, b) for a, b in zip(p1.state_dict().values(), p2.state_dict().values(), strict=True))
     # the weights bring their tokenizer: a P2 corpus that would train another one gets P1's
     other_data = BlocksTextDataModule(**(TINY_DATA | {"vocab_size": 450}))
-    trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=1, enable_checkpointing=False).fit(p2, other_data)
+    one_step = quiet_trainer(1, tmp_path, limit_train_batches=1, limit_val_batches=1, enable_checkpointing=False)
+    one_step.fit(p2, other_data)
     assert other_data.tokenizer.to_str() == data.tokenizer.to_str()
     with pytest.raises(ValueError, match="does not match"):
         tiny(init_from=str(path), dim=48)
