@@ -11,6 +11,8 @@ W&B logs offline unless ``WANDB_MODE=online`` (or ``disabled``) is set in the en
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 from pathlib import Path
 
@@ -31,8 +33,6 @@ from callbacks.random_state import RandomState  # noqa: E402
 DEFAULTS = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
 
 # Values that follow from the data, linked from the datamodule to the model when both have them.
-# A datamodule must not expose one of these names unless its model takes it: jsonargparse would pass
-# it on as an unexpected keyword, which also lands in checkpoints and breaks `--ckpt_path` loading.
 DATA_LINKS = ("input_dim", "num_clusters", "num_classes", "batch_size", "vocab_size", "max_length")
 
 
@@ -57,6 +57,22 @@ class ProtoCLI(LightningCLI):
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, "."):
                 init_args.save_dir = str(root)
                 root.mkdir(parents=True, exist_ok=True)
+        _drop_links_the_model_does_not_take(config.model)
+
+
+def _drop_links_the_model_does_not_take(model) -> None:
+    """Lightning stores every applied link in a model's saved hyperparameters, also the links its
+    class has no parameter for (a datamodule exposes ``batch_size``, the model does not take it);
+    ``--ckpt_path`` reads them back as keywords the class would refuse. Only those are dropped: any
+    other unknown keyword still fails."""
+    extra = getattr(model, "dict_kwargs", None)
+    if not extra or not isinstance(model.class_path, str):
+        return
+    module_name, _, class_name = model.class_path.rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module_name), class_name)).parameters
+    for name in DATA_LINKS:
+        if name in extra and name not in parameters:
+            del extra[name]
 
 
 def _as_list(value) -> list:

@@ -83,3 +83,16 @@ def test_two_process_ddp_matches_one_process(blob_files, tmp_path):
     metrics_two = json.loads((tmp_path / "two/metrics.json").read_text())["fit"]
     assert metrics_two["val/acc"] == pytest.approx(metrics_one["val/acc"], abs=1e-6)
     assert metrics_two["val/clusters_used"] == metrics_one["val/clusters_used"]
+
+
+def test_a_checkpoint_loads_when_the_data_exposes_a_link_its_model_does_not_take(tmp_path):
+    """TinyData exposes batch_size, TinyModule takes no batch_size: the link is stored in the
+    checkpoint's hyperparameters all the same, and validate --ckpt_path must not pass it on."""
+    args = ["--model", "tests.tiny_module.TinyModule", "--data", "tests.tiny_module.TinyData",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false"]
+    cli("fit", *args)
+    checkpoint = torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)
+    assert checkpoint["hyper_parameters"]["batch_size"] == 2
+    cli("validate", *args, "--ckpt_path", str(tmp_path / "checkpoints/last.ckpt"))
+    assert "val/loss" in json.loads((tmp_path / "metrics.json").read_text())["validate"]
