@@ -68,6 +68,11 @@ class EpochPermutation:
         # Evaluation: contiguous shards, nothing padded or repeated, so metrics count each item once.
         return torch.tensor_split(torch.arange(self.num_items), self.world_size)[self.rank]
 
+    def rank_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        """This epoch's batches for this rank, the order drawn from ``generator``."""
+        order = torch.randperm(self.num_items, generator=generator) if self.shuffle else torch.arange(self.num_items)
+        return self.batches(order)
+
     def batches(self, order: torch.Tensor) -> list[torch.Tensor]:
         """Cut a global ``order`` into this rank's batches."""
         if not self.drop_last:
@@ -97,6 +102,9 @@ def neighbour_draw(neighbors: torch.Tensor) -> ItemDraw:
 class IndexBatchLoader:
     """Iterable of per-rank batches ``{"index": LongTensor[b], ...}``.
 
+    ``sampler`` is an ``EpochPermutation`` or any object with its ``num_items``, ``generator()``,
+    ``set_epoch(epoch)``, ``rank_batches(generator)`` and ``len()`` (e.g. cluster-mate batches).
+
     ``draw`` adds per-item random choices (a neighbour, which views of a sentence to pair): drawn
     for every item once per epoch, after the permutation and from the same generator, so they do
     not depend on how the global batch is split over ranks.
@@ -112,8 +120,7 @@ class IndexBatchLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         generator = self.sampler.generator()
-        num_items = self.sampler.num_items
-        order = torch.randperm(num_items, generator=generator) if self.sampler.shuffle else torch.arange(num_items)
-        drawn = self.draw(generator, num_items) if self.draw is not None else {}
-        for indices in self.sampler.batches(order):
+        batches = self.sampler.rank_batches(generator)
+        drawn = self.draw(generator, self.sampler.num_items) if self.draw is not None else {}
+        for indices in batches:
             yield {"index": indices} | {name: values[indices] for name, values in drawn.items()}
