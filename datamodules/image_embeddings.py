@@ -97,20 +97,23 @@ def load_backbone(
     return processor, backbone.to(device).eval()
 
 
+def embed_pictures(pictures: Sequence[Image.Image], processor: BaseImageProcessor,
+                   backbone: PreTrainedModel) -> torch.Tensor:
+    """``[B, D]`` float32 CPU embeddings of one batch: ``pooler_output`` when the model has one, else the CLS token."""
+    with torch.inference_mode():
+        inputs = processor(images=list(pictures), return_tensors="pt").to(backbone.device)
+        outputs = backbone(**inputs)
+        pooled = getattr(outputs, "pooler_output", None)
+        pooled = pooled if pooled is not None else outputs.last_hidden_state[:, 0]
+        return pooled.float().cpu()
+
+
 def embed_paths(
     paths: Sequence[Path], processor: BaseImageProcessor, backbone: PreTrainedModel, batch_size: int = 64
 ) -> torch.Tensor:
-    """``[N, D]`` float32 CPU embeddings: ``pooler_output`` when the model has one, else the CLS token."""
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(paths), batch_size):
-            images = [load_rgb(p) for p in paths[start : start + batch_size]]
-            inputs = processor(images=images, return_tensors="pt").to(backbone.device)
-            outputs = backbone(**inputs)
-            pooled = getattr(outputs, "pooler_output", None)
-            pooled = pooled if pooled is not None else outputs.last_hidden_state[:, 0]
-            chunks.append(pooled.float().cpu())
-    return torch.cat(chunks)
+    """``[N, D]`` float32 CPU embeddings of image files (see ``embed_pictures``)."""
+    return torch.cat([embed_pictures([load_rgb(p) for p in paths[start : start + batch_size]], processor, backbone)
+                      for start in range(0, len(paths), batch_size)])
 
 
 def embed_images(

@@ -10,6 +10,7 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -48,3 +49,43 @@ def quiet_trainer(epochs: int, root: Path, callbacks=(), **kwargs) -> L.Trainer:
     """A CPU Trainer for in-process fits: no logger, progress bar or model summary."""
     return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks), **kwargs)
+
+
+class StopAfterEpoch(Callback):
+    """Ends fit after ``epoch`` as an interruption would, leaving the schedule of the full run intact."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+@pytest.fixture(scope="module")
+def offline_hub():
+    """No test may reach the hub; huggingface_hub reads the variable at import, so patch its constant too."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A tiny randomly initialized DINOv2 and its processor saved to a folder: a local model, nothing downloaded."""
+    from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8,
+    )
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(folder)
+    processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)
+    AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # what the module under test will do
+    return folder

@@ -20,32 +20,7 @@ COLOURS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
 IMAGES_PER_CLASS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline_hub():
-    """No test may reach the hub; huggingface_hub reads the variable at import, so patch its constant too."""
-    import huggingface_hub.constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
-
-    folder = tmp_path_factory.mktemp("tiny-dinov2")
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=8,
-    )
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(folder)
-    processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor.save_pretrained(folder)
-    AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # what the module under test will do
-    return folder
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 def write_image(path: Path, colour: tuple[int, int, int], seed: int) -> None:
@@ -63,10 +38,10 @@ def class_folder(root: Path, per_class: int = IMAGES_PER_CLASS, seed: int = 0) -
 
 
 @pytest.fixture(scope="module")
-def written(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
+def written(tiny_dinov2, tmp_path_factory) -> tuple[Path, dict]:
     base = tmp_path_factory.mktemp("written")
     train, test = class_folder(base / "train"), class_folder(base / "test", per_class=2, seed=1000)
-    summary = write_embedding_folder(base / "out", train, tiny_model, k=3, test_image_dir=test, device="cpu")
+    summary = write_embedding_folder(base / "out", train, tiny_dinov2, k=3, test_image_dir=test, device="cpu")
     return base / "out", summary
 
 
@@ -99,48 +74,48 @@ def test_neighbours_share_the_colour_class(written):
     assert (labels[knn] == labels.unsqueeze(1)).float().mean() >= 0.9
 
 
-def test_embeddings_are_deterministic(tiny_model, tmp_path):
+def test_embeddings_are_deterministic(tiny_dinov2, tmp_path):
     folder = class_folder(tmp_path / "images", per_class=2)
-    first, labels, names, paths = embed_images(folder, tiny_model, batch_size=4, device="cpu")
-    second, *_ = embed_images(folder, tiny_model, batch_size=5, device="cpu")
+    first, labels, names, paths = embed_images(folder, tiny_dinov2, batch_size=4, device="cpu")
+    second, *_ = embed_images(folder, tiny_dinov2, batch_size=5, device="cpu")
     assert torch.equal(first, second)
     assert labels.tolist() == [0, 0, 1, 1, 2, 2] and names == ["blue", "green", "red"]
     assert [p.name for p in paths] == ["img0.png", "img1.png"] * 3
 
 
-def test_flat_folder_has_no_labels(tiny_model, tmp_path):
+def test_flat_folder_has_no_labels(tiny_dinov2, tmp_path):
     for i in range(4):
         write_image(tmp_path / "flat" / f"{i}.PNG", (100, 100, 100), seed=i)
-    summary = write_embedding_folder(tmp_path / "out", tmp_path / "flat", tiny_model, k=2, device="cpu")
+    summary = write_embedding_folder(tmp_path / "out", tmp_path / "flat", tiny_dinov2, k=2, device="cpu")
     assert summary["num_train"] == 4 and summary["num_test"] == 0
     assert torch.load(tmp_path / "out" / "embeddings.pt").shape == (4, 32)
     assert not (tmp_path / "out" / "label.pt").exists()
     assert not (tmp_path / "out" / "classes.json").exists()
 
 
-def test_missing_folder(tiny_model, tmp_path):
+def test_missing_folder(tiny_dinov2, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        embed_images(tmp_path / "nowhere", tiny_model)
+        embed_images(tmp_path / "nowhere", tiny_dinov2)
 
 
-def test_folder_without_images(tiny_model, tmp_path):
+def test_folder_without_images(tiny_dinov2, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match="empty"):
-        embed_images(tmp_path / "empty", tiny_model)
+        embed_images(tmp_path / "empty", tiny_dinov2)
 
 
-def test_corrupt_image_is_named(tiny_model, tmp_path):
+def test_corrupt_image_is_named(tiny_dinov2, tmp_path):
     folder = class_folder(tmp_path / "images", per_class=1)
     (folder / "red" / "x.png").write_bytes(b"definitely not a png")
     with pytest.raises(ValueError, match="x.png"):
-        embed_images(folder, tiny_model, device="cpu")
+        embed_images(folder, tiny_dinov2, device="cpu")
 
 
-def test_k_must_be_below_the_number_of_images(tiny_model, tmp_path):
+def test_k_must_be_below_the_number_of_images(tiny_dinov2, tmp_path):
     folder = class_folder(tmp_path / "images", per_class=1)
     with pytest.raises(ValueError, match="k=3"):
-        write_embedding_folder(tmp_path / "out", folder, tiny_model, k=3)
+        write_embedding_folder(tmp_path / "out", folder, tiny_dinov2, k=3)
     assert not (tmp_path / "out").exists()
 
 
@@ -150,10 +125,10 @@ def test_unloadable_model_names_it(tmp_path):
         embed_images(folder, tmp_path / "no-such-model")
 
 
-def test_cli_prints_the_summary(tiny_model, tmp_path):
+def test_cli_prints_the_summary(tiny_dinov2, tmp_path):
     folder = class_folder(tmp_path / "images", per_class=2)
     command = [sys.executable, "-m", "datamodules.image_embeddings", "--images", str(folder),
-               "--model", str(tiny_model), "--out", str(tmp_path / "out"), "--k", "2", "--device", "cpu"]
+               "--model", str(tiny_dinov2), "--out", str(tmp_path / "out"), "--k", "2", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -161,20 +136,20 @@ def test_cli_prints_the_summary(tiny_model, tmp_path):
     assert (tmp_path / "out" / "knn.pt").exists()
 
 
-def test_images_beside_class_folders_are_refused(tiny_model, tmp_path):
+def test_images_beside_class_folders_are_refused(tiny_dinov2, tmp_path):
     folder = class_folder(tmp_path / "images", per_class=1)
     write_image(folder / "stray.png", (0, 0, 0), seed=0)
     with pytest.raises(ValueError, match="mixes"):
-        embed_images(folder, tiny_model)
+        embed_images(folder, tiny_dinov2)
 
 
-def test_test_labels_follow_the_train_class_ids(tiny_model, tmp_path):
+def test_test_labels_follow_the_train_class_ids(tiny_dinov2, tmp_path):
     train = class_folder(tmp_path / "train", per_class=2)
     test = tmp_path / "test"
     write_image(test / "red" / "a.png", COLOURS["red"], seed=0)  # the only test class: id 2, not 0
-    write_embedding_folder(tmp_path / "out", train, tiny_model, k=2, test_image_dir=test, device="cpu")
+    write_embedding_folder(tmp_path / "out", train, tiny_dinov2, k=2, test_image_dir=test, device="cpu")
     assert torch.load(tmp_path / "out" / "label-test.pt").tolist() == [2]
     write_image(test / "purple" / "b.png", (128, 0, 128), seed=0)
     with pytest.raises(ValueError, match="purple"):
-        write_embedding_folder(tmp_path / "out2", train, tiny_model, k=2, test_image_dir=test)
+        write_embedding_folder(tmp_path / "out2", train, tiny_dinov2, k=2, test_image_dir=test)
     assert not (tmp_path / "out2").exists()
