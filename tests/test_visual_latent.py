@@ -9,13 +9,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from callbacks.phase_gate import GateCriterion, PhaseGate
 from callbacks.random_state import RandomState
 from datamodules.blocks_text import BlocksTextDataModule
 from modules.visual_latent import VisualLatentText
-from tests.conftest import quiet_trainer
+from tests.conftest import StopAfterEpoch, quiet_trainer
 from tests.test_cli import cli
 
 TINY_MODEL = {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64, "dropout": 0.0, "head_dim": 16, "head_depth": 1,
@@ -61,17 +61,6 @@ def test_p2_learns_to_retrieve_paraphrases(tmp_path):
     # pool: 32 items x (4 paraphrases + 4 counterfactuals); chance R@5 = 1 - (1 - 4/256)^5 ~ 0.08
     assert trained["val/r5"] > 0.5 and trained["val/r5"] > untrained["val/r5"] + 0.2
     assert trained["val/cos_gap"] > untrained["val/cos_gap"]
-
-
-class StopAfterEpoch(Callback):
-    """Ends fit after ``epoch`` as an interruption would, leaving the schedule of the full run intact."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def test_resume_is_exact(tmp_path):
