@@ -1,0 +1,246 @@
+"""Does the locality loss of spec 000 help? ``none``, ``random_perturbation`` and
+``cluster_neighborhood`` at equal steps, on the 2-D toy and on digits, several seeds.
+
+    python benchmarks/cluster_flow.py --out benchmarks/results/cluster_flow.json
+
+Each fit runs what the command line runs (``cli.py fit`` with ``configs/cluster_flow_toy.yaml``,
+or ``configs/cluster_flow.yaml`` plus its CPU profile for digits) with the locality mode, seed and
+step count overridden. All three modes train on the same cluster-mate batches (the configs'
+``samples_per_cluster``) and the same source draws, so the locality term is the only difference.
+Clusters: k-means at fit start on the samples (the configs' ``ClusterAssignment``).
+
+Evaluation against the held-out split, from fixed source draws: W2 (exact assignment), unbiased
+RBF-MMD^2, for digits the Frechet distance in the features of a small CNN trained on the digits
+training split (``modules.networks.digit_classifier``), at NFE 1, 2, 4, 8, 16 with Euler (and
+midpoint, RK4 where the NFE allows); straightness and path length ratio along the Euler path of
+each NFE (0 and 1 at NFE 1 by construction). Also the share of samples with a cluster-mate in
+random batches versus cluster-mate batches at the configs' batch size and cluster count.
+
+Writes the JSON (every run, then mean and spread over seeds), prints markdown tables, and saves
+a plot of quality against NFE next to the JSON (``--report`` redoes both from an existing JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
+
+from benchmarks.record import write_record  # noqa: E402
+from cli import main as cli_main  # noqa: E402
+from datamodules.flow_data import EVAL_SEED_OFFSET, FlowDataModule, source_draw  # noqa: E402
+from modules.flow_evaluation import score_samples  # noqa: E402
+from modules.losses.flow_matching import cluster_mate_pairs  # noqa: E402
+from modules.networks.digit_classifier import classifier_accuracy, train_digit_classifier  # noqa: E402
+from modules.ode import EVALUATIONS_PER_STEP, integrate, path_statistics  # noqa: E402
+
+MODES = ("none", "random_perturbation", "cluster_neighborhood")
+NFE_GRID = (1, 2, 4, 8, 16)
+CONFIGS = {
+    "toy": ["configs/cluster_flow_toy.yaml"],
+    "digits": ["configs/cluster_flow.yaml", "configs/profiles/cluster_flow_cpu.yaml"],
+}
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+         "--checkpoint.monitor", "null"]
+
+
+def untrained_quality(dataset: str, root: Path, features) -> list[dict]:
+    """The velocity field at initialization (seed 0): the scale the trained models are read against."""
+    cli, _ = fit(dataset, "none", 0, 0, root)
+    x0, reference = held_out(cli.datamodule, 0)
+    return evaluate(cli.model.eval().velocity, x0, reference, features)
+
+
+def fit(dataset: str, mode: str, seed: int, steps: int, root: Path):
+    args = ["fit", *sum((["--config", c] for c in CONFIGS[dataset]), []), *QUIET,
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
+            "--trainer.max_epochs", "-1", "--seed_everything", str(seed),
+            "--data.init_args.seed", str(seed), "--model.init_args.locality_mode", mode]
+    start = time.perf_counter()
+    cli = cli_main(args)
+    return cli, time.perf_counter() - start
+
+
+def valid_pair_ratios(data: FlowDataModule) -> dict[str, float]:
+    """Share of samples with a cluster-mate over one epoch: random batches vs cluster-mate batches."""
+    ratios = {}
+    per_cluster = data.hparams.samples_per_cluster
+    for name, samples_per_cluster in (("random_batches", 0), ("cluster_mate_batches", per_cluster)):
+        data.hparams.samples_per_cluster = samples_per_cluster
+        ids = data.cluster_ids
+        valid = [cluster_mate_pairs(ids[b["index"]], item_ids=b["index"])[1].float().mean()
+                 for b in data.train_dataloader()]
+        ratios[name] = float(torch.stack(valid).mean())
+    data.hparams.samples_per_cluster = per_cluster
+    return ratios
+
+
+@torch.no_grad()
+def evaluate(velocity, x0, reference, features) -> list[dict]:
+    rows = []
+    for solver, evaluations in EVALUATIONS_PER_STEP.items():
+        for nfe in NFE_GRID:
+            if nfe % evaluations:
+                continue
+            samples = integrate(velocity, x0, nfe, solver)
+            row = {"solver": solver, "nfe": nfe} | score_samples(samples, reference, features)
+            if solver == "euler":
+                row |= {name: float(v) for name, v in path_statistics(velocity, x0, nfe).items()}
+            rows.append(row)
+    return rows
+
+
+def held_out(data: FlowDataModule, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    reference = data.eval_split["x"]
+    draw = source_draw(data.hparams.source, tuple(data.sample_shape), fixed_seed=seed + EVAL_SEED_OFFSET)
+    return draw(None, len(reference))["x0"], reference
+
+
+def cluster_quality(data: FlowDataModule) -> dict:
+    ids = data.cluster_ids
+    record = {"num_clusters": int(ids.unique().numel()), "sizes_min_max": [int(c) for c in
+              torch.bincount(ids).aminmax()]}
+    if "y" in data.train_split:
+        labels = data.train_split["y"].numpy()
+        record |= {"ari_vs_labels": adjusted_rand_score(labels, ids.numpy()),
+                   "nmi_vs_labels": normalized_mutual_info_score(labels, ids.numpy())}
+    return record
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for row in run["quality"]:
+            groups.setdefault((run["dataset"], run["mode"], row["solver"], row["nfe"]), []).append(row)
+    summary = []
+    for (dataset, mode, solver, nfe), rows in groups.items():
+        entry = {"dataset": dataset, "mode": mode, "solver": solver, "nfe": nfe, "seeds": len(rows)}
+        for metric in ("w2", "mmd2", "fd", "straightness", "path_length_ratio"):
+            values = [r[metric] for r in rows if metric in r]
+            if values:
+                entry[metric] = {"mean": statistics.fmean(values),
+                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary.append(entry)
+    return summary
+
+
+def markdown(summary: list[dict], dataset: str, metric: str) -> str:
+    rows = [s for s in summary if s["dataset"] == dataset and s["solver"] == "euler" and metric in s]
+    if not rows:
+        return ""
+    lines = [f"| {dataset}: {metric} (Euler), mean ± std | " + " | ".join(f"NFE {n}" for n in NFE_GRID) + " |",
+             "|---|" + "---|" * len(NFE_GRID)]
+    for mode in MODES:
+        cells = {s["nfe"]: s[metric] for s in rows if s["mode"] == mode}
+        if cells:
+            lines.append(f"| {mode} | " + " | ".join(
+                f"{cells[n]['mean']:.4g} ± {cells[n]['std']:.2g}" if n in cells else "" for n in NFE_GRID) + " |")
+    return "\n".join(lines)
+
+
+def pairing_table(runs: list[dict]) -> str:
+    """Share of samples with a cluster-mate at the configs' batch size and cluster count."""
+    lines = ["| data | clusters | random batches | cluster-mate batches |", "|---|---|---|---|"]
+    for dataset in dict.fromkeys(run["dataset"] for run in runs):
+        rows = [run for run in runs if run["dataset"] == dataset]
+        ratios = {name: statistics.fmean(r["valid_pair_ratio"][name] for r in rows)
+                  for name in ("random_batches", "cluster_mate_batches")}
+        lines.append(f"| {dataset} | {rows[0]['clusters']['num_clusters']} | {ratios['random_batches']:.3f} | "
+                     f"{ratios['cluster_mate_batches']:.3f} |")
+    return "\n".join(lines)
+
+
+def report(record: dict, out: Path) -> None:
+    """Print the tables and save the plot of quality against NFE next to ``out``."""
+    summary = record["summary"]
+    datasets = dict.fromkeys(entry["dataset"] for entry in summary)
+    plot(summary, out.with_suffix(".png"))
+    tables = [markdown(summary, d, m) for d in datasets for m in ("w2", "mmd2", "fd", "straightness")]
+    print("\n\n".join([*(t for t in tables if t), pairing_table(record["runs"])]))
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("toy", "w2"), ("digits", "w2"), ("digits", "fd")]
+    panels = [p for p in panels if any(s["dataset"] == p[0] and p[1] in s for s in summary)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for axis, (dataset, metric) in zip(axes[0], panels):
+        for mode in MODES:
+            rows = sorted((s for s in summary if s["dataset"] == dataset and s["mode"] == mode
+                           and s["solver"] == "euler" and metric in s), key=lambda s: s["nfe"])
+            if rows:
+                axis.errorbar([s["nfe"] for s in rows], [s[metric]["mean"] for s in rows],
+                              yerr=[s[metric]["std"] for s in rows], marker="o", capsize=3, label=mode)
+        axis.set(xscale="log", yscale="log", xlabel="NFE (Euler)", ylabel=metric.upper(), title=dataset)
+        axis.set_xticks(NFE_GRID, [str(n) for n in NFE_GRID])
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--report", action="store_true", help="only print the tables and plot of an existing --out")
+    parser.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--toy-steps", type=int, default=3000)
+    parser.add_argument("--digits-steps", type=int, default=1500)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.report:
+        report(json.loads(Path(args.out).read_text()), Path(args.out))
+        return
+    torch.set_num_threads(args.threads)
+    runs, extras = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for dataset in args.datasets:
+            steps = args.toy_steps if dataset == "toy" else args.digits_steps
+            features = None
+            for seed in args.seeds:
+                for mode in args.modes:
+                    cli, seconds = fit(dataset, mode, seed, steps, Path(scratch) / f"{dataset}-{mode}-{seed}")
+                    model, data = cli.model.eval(), cli.datamodule
+                    if dataset == "digits" and features is None:
+                        features = train_digit_classifier(data.train_split["x"], data.train_split["y"], seed=0)
+                        extras["digit_classifier_held_out_accuracy"] = classifier_accuracy(
+                            features, data.eval_split["x"], data.eval_split["y"])
+                    x0, reference = held_out(data, seed)
+                    run = {"dataset": dataset, "mode": mode, "seed": seed, "steps": int(cli.trainer.global_step),
+                           "fit_seconds": seconds, "clusters": cluster_quality(data),
+                           "valid_pair_ratio": valid_pair_ratios(data),
+                           "final_train_loss": float(cli.trainer.callback_metrics["training/loss_epoch"]),
+                           "quality": evaluate(model.velocity, x0, reference, features)}
+                    runs.append(run)
+                    if seed == args.seeds[0] and mode == args.modes[0]:
+                        extras[f"untrained_{dataset}"] = untrained_quality(dataset, Path(scratch) / "untrained", features)
+                    euler16 = next(r for r in run["quality"] if r["solver"] == "euler" and r["nfe"] == 16)
+                    print(f"{dataset} {mode} seed {seed}: {run['steps']} steps in {seconds:.0f} s, "
+                          f"W2@16 {euler16['w2']:.4f}", flush=True)
+    out = Path(args.out)
+    record = {"runs": runs, "summary": summarize(runs), "plot": out.with_suffix(".png").name, "seeds": args.seeds,
+              "steps": {"toy": args.toy_steps, "digits": args.digits_steps}} | extras
+    write_record(out, record, args.threads)
+    report(record, out)
+
+
+if __name__ == "__main__":
+    main()
