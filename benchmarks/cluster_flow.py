@@ -8,6 +8,7 @@ or ``configs/cluster_flow.yaml`` plus its CPU profile for digits) with the local
 step count overridden. All three modes train on the same cluster-mate batches (the configs'
 ``samples_per_cluster``) and the same source draws, so the locality term is the only difference.
 Clusters: k-means at fit start on the samples (the configs' ``ClusterAssignment``).
+``--samples-per-cluster 0`` trains on plain shuffled batches instead (the control arm).
 
 Evaluation against the held-out split, from fixed source draws: W2 (exact assignment), unbiased
 RBF-MMD^2, for digits the Frechet distance in the features of a small CNN trained on the digits
@@ -64,8 +65,8 @@ def untrained_quality(dataset: str, root: Path, features) -> list[dict]:
     return evaluate(cli.model.eval().velocity, x0, reference, features)
 
 
-def fit(dataset: str, mode: str, seed: int, steps: int, root: Path):
-    args = ["fit", *sum((["--config", c] for c in CONFIGS[dataset]), []), *QUIET,
+def fit(dataset: str, mode: str, seed: int, steps: int, root: Path, data_overrides: tuple[str, ...] = ()):
+    args = ["fit", *sum((["--config", c] for c in CONFIGS[dataset]), []), *QUIET, *data_overrides,
             "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
             "--trainer.max_epochs", "-1", "--seed_everything", str(seed),
             "--data.init_args.seed", str(seed), "--model.init_args.locality_mode", mode]
@@ -78,7 +79,8 @@ def valid_pair_ratios(data: FlowDataModule) -> dict[str, float]:
     """Share of samples with a cluster-mate over one epoch: random batches vs cluster-mate batches."""
     ratios = {}
     per_cluster = data.hparams.samples_per_cluster
-    for name, samples_per_cluster in (("random_batches", 0), ("cluster_mate_batches", per_cluster)):
+    # n = 4 as in the configs when this run trains on plain batches
+    for name, samples_per_cluster in (("random_batches", 0), ("cluster_mate_batches", per_cluster or 4)):
         data.hparams.samples_per_cluster = samples_per_cluster
         ids = data.cluster_ids
         valid = [cluster_mate_pairs(ids[b["index"]], item_ids=b["index"])[1].float().mean()
@@ -205,6 +207,8 @@ def main() -> None:
     parser.add_argument("--toy-steps", type=int, default=3000)
     parser.add_argument("--digits-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples-per-cluster", type=int, default=None,
+                        help="override the configs' cluster-mate batches (0: plain shuffled batches)")
     args = parser.parse_args()
     if args.report:
         report(json.loads(Path(args.out).read_text()), Path(args.out))
@@ -214,10 +218,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for dataset in args.datasets:
             steps = args.toy_steps if dataset == "toy" else args.digits_steps
+            data_overrides = () if args.samples_per_cluster is None else (
+                "--data.init_args.samples_per_cluster", str(args.samples_per_cluster))
             features = None
             for seed in args.seeds:
                 for mode in args.modes:
-                    cli, seconds = fit(dataset, mode, seed, steps, Path(scratch) / f"{dataset}-{mode}-{seed}")
+                    cli, seconds = fit(dataset, mode, seed, steps, Path(scratch) / f"{dataset}-{mode}-{seed}",
+                                       data_overrides)
                     model, data = cli.model.eval(), cli.datamodule
                     if dataset == "digits" and features is None:
                         features = train_digit_classifier(data.train_split["x"], data.train_split["y"], seed=0)
@@ -225,6 +232,7 @@ def main() -> None:
                             features, data.eval_split["x"], data.eval_split["y"])
                     x0, reference = held_out(data, seed)
                     run = {"dataset": dataset, "mode": mode, "seed": seed, "steps": int(cli.trainer.global_step),
+                           "samples_per_cluster": data.hparams.samples_per_cluster,
                            "fit_seconds": seconds, "clusters": cluster_quality(data),
                            "valid_pair_ratio": valid_pair_ratios(data),
                            "final_train_loss": float(cli.trainer.callback_metrics["training/loss_epoch"]),

@@ -43,6 +43,7 @@ def test_smoke_fit_in_cluster_mode_beats_the_untrained_field(tmp_path):
     assert trained < 0.65 * untrained, (trained, untrained)  # 192 steps: 1.11 -> 0.58 when written
     metrics = trainer.callback_metrics
     assert metrics["training/locality_valid_ratio"] == 1.0  # cluster-mate batches: every sample paired
+    assert 4 < metrics["training/locality_n_unique_clusters"] <= 8  # 16 groups of 4 from the 8 clusters
     assert metrics["training/loss_flow"] < 3.0
 
 
