@@ -96,7 +96,7 @@ class ClusterAssignment(Callback):
             self._run_kmeans(trainer, pl_module)
             self.computed_at_epoch = epoch
         trainer.datamodule.set_cluster_assignments(self.assignments)
-        pl_module.log("cluster/num_nonempty", float(self.assignments.unique().numel()), sync_dist=False)
+        pl_module.log("cluster/num_nonempty", float(self.assignments.unique().numel()), sync_dist=True)
 
     @torch.no_grad()
     def _run_kmeans(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

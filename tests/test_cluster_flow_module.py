@@ -106,6 +106,13 @@ def test_cpu_profiles_fit_and_validate_from_the_command_line(tmp_path):
         "--data.init_args.num_eval", "200", "--ckpt_path", "last")
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["validate"]["val/w2_nfe16"] == pytest.approx(metrics["fit"]["val/w2_nfe16"], rel=1e-5)
+    # two ranks each score half the held-out set; gathered, the scores are the one-process ones
+    cli("validate", "--config", "configs/cluster_flow_toy.yaml", "--trainer.default_root_dir", str(root),
+        "--data.init_args.num_eval", "200", "--ckpt_path", "last", "--trainer.strategy", "ddp",
+        "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    two_ranks = json.loads((root / "metrics.json").read_text())["validate"]
+    for name in ("val/w2_nfe1", "val/w2_nfe16", "val/mmd2_nfe4", "val/straightness"):
+        assert two_ranks[name] == pytest.approx(metrics["validate"][name], rel=1e-4), name
     cli("predict", "--config", "configs/cluster_flow_toy.yaml", "--trainer.default_root_dir", str(root),
         "--data.init_args.num_eval", "200", "--ckpt_path", "last")
     rows = (root / "predictions.csv").read_text().splitlines()
