@@ -37,13 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 
 from benchmarks.record import write_record  # noqa: E402
 from cli import main as cli_main  # noqa: E402
 from datamodules.flow_data import EVAL_SEED_OFFSET, FlowDataModule, source_draw  # noqa: E402
 from modules.flow_evaluation import score_samples  # noqa: E402
 from modules.losses.flow_matching import cluster_mate_pairs  # noqa: E402
+from modules.metrics import label_agreement  # noqa: E402
 from modules.networks.digit_classifier import classifier_accuracy, train_digit_classifier  # noqa: E402
 from modules.ode import EVALUATIONS_PER_STEP, integrate, path_statistics  # noqa: E402
 
@@ -116,9 +116,7 @@ def cluster_quality(data: FlowDataModule) -> dict:
     record = {"num_clusters": int(ids.unique().numel()), "sizes_min_max": [int(c) for c in
               torch.bincount(ids).aminmax()]}
     if "y" in data.train_split:
-        labels = data.train_split["y"].numpy()
-        record |= {"ari_vs_labels": adjusted_rand_score(labels, ids.numpy()),
-                   "nmi_vs_labels": normalized_mutual_info_score(labels, ids.numpy())}
+        record |= {f"{name}_vs_labels": value for name, value in label_agreement(ids, data.train_split["y"]).items()}
     return record
 
 

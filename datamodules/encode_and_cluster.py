@@ -34,6 +34,7 @@ import torch
 from callbacks.json_files import write_json_atomically
 from datamodules.flow_data import FlowDataModule, fingerprint
 from datamodules.kmeans import KMeansResult, check_num_clusters, kmeans, write_assignments
+from modules.metrics import label_agreement
 
 DATASETS = ("moons", "checkerboard", "digits", "mnist", "npy")
 ENCODERS = ("identity", "pca", "torchscript", "hf")
@@ -200,11 +201,8 @@ def cluster_report(result: KMeansResult, labels: torch.Tensor | None) -> dict:
         "nmi": None,
     }
     if labels is not None:
-        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-        truth, found = labels.numpy(), result.assignments.numpy()
-        report["adjusted_rand_index"] = float(adjusted_rand_score(truth, found))
-        report["nmi"] = float(normalized_mutual_info_score(truth, found))
+        agreement = label_agreement(result.assignments, labels)
+        report["adjusted_rand_index"], report["nmi"] = agreement["ari"], agreement["nmi"]
     return report
 
 

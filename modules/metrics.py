@@ -14,6 +14,7 @@ from torchmetrics.clustering import (
     ClusterAccuracy,
     NormalizedMutualInfoScore,
 )
+from torchmetrics.functional.clustering import adjusted_rand_score, normalized_mutual_info_score
 from torchmetrics.retrieval import RetrievalHitRate
 from torchmetrics.functional.clustering.mutual_info_score import _mutual_info_score_compute, _mutual_info_score_update
 from torchmetrics.functional.clustering.utils import calculate_entropy, calculate_generalized_mean
@@ -33,6 +34,13 @@ def label_metrics(num_clusters: int, num_classes: int) -> MetricCollection:
             "ami": FastAdjustedMutualInfoScore(average_method="arithmetic"),
         }
     )
+
+
+def label_agreement(clusters: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """ARI and NMI (arithmetic) of a fixed cluster assignment against labels, for one-off reports;
+    ``label_metrics`` accumulates the same scores (and ACC, AMI) over batches and ranks."""
+    return {"ari": float(adjusted_rand_score(clusters, labels)),
+            "nmi": float(normalized_mutual_info_score(clusters, labels, average_method="arithmetic"))}
 
 
 class ClusterOccupancy(Metric):

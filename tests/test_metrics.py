@@ -1,10 +1,12 @@
 """Clustering metrics: permutation invariance, agreement with scikit-learn, occupancy."""
 
+import math
+
 import pytest
 import torch
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 
-from modules.metrics import ClusterOccupancy, expected_mutual_information, label_metrics
+from modules.metrics import ClusterOccupancy, expected_mutual_information, label_agreement, label_metrics
 
 
 def test_a_permuted_labelling_scores_perfectly():
@@ -44,3 +46,15 @@ def test_occupancy_counts_used_clusters_and_shares():
     assert result["clusters_used"].item() == 3
     assert result["largest_cluster"].item() == pytest.approx(0.5)
     assert result["smallest_cluster"].item() == 0.0  # clusters 2 and 4 are empty
+
+
+def test_label_agreement_by_hand():
+    clusters, labels = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 1, 0, 0, 0, 0])
+    scores = label_agreement(clusters, labels)
+    # ARI: pair counts sum C(n_ij, 2) = 3, rows 1 + 6 = 7, columns 3 x 1 = 3, C(6, 2) = 15:
+    # (3 - 7 * 3 / 15) / ((7 + 3) / 2 - 7 * 3 / 15) = 1.6 / 3.6 = 4/9
+    assert scores["ari"] == pytest.approx(4 / 9, abs=1e-6)
+    # clusters refine the labels, so MI = H(labels) = ln 3 - (2/3) ln 2; NMI = MI / mean(H(labels), ln 3)
+    entropy_labels = math.log(3) - 2 / 3 * math.log(2)
+    assert scores["nmi"] == pytest.approx(entropy_labels / ((entropy_labels + math.log(3)) / 2), abs=1e-6)
+    assert label_agreement(labels + 5, labels) == {"ari": pytest.approx(1.0), "nmi": pytest.approx(1.0)}
