@@ -63,6 +63,11 @@ def archive_keys(path: str | Path) -> set[str]:
     return set()
 
 
+def nonfinite_rows(array: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows ``array[i]`` (any shape after the first axis) holding a NaN or inf."""
+    return (~torch.isfinite(array.flatten(1)).all(dim=1)).nonzero().flatten()
+
+
 def as_embeddings(array: torch.Tensor, source: str | Path) -> torch.Tensor:
     """Validate an ``[N, D]`` floating array; NaN or inf rows are refused."""
     if array.dim() != 2:
@@ -70,10 +75,9 @@ def as_embeddings(array: torch.Tensor, source: str | Path) -> torch.Tensor:
     if not (array.is_floating_point() or array.dtype in (torch.int32, torch.int64, torch.uint8)):
         raise ValueError(f"{source}: embeddings must be numeric, got dtype {array.dtype}")
     array = array.float()
-    bad = ~torch.isfinite(array).all(dim=1)
-    if bad.any():
-        rows = bad.nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{source}: {int(bad.sum())} rows hold NaN or inf (first rows: {rows})")
+    bad = nonfinite_rows(array)
+    if len(bad):
+        raise ValueError(f"{source}: {len(bad)} rows hold NaN or inf (first rows: {bad[:5].tolist()})")
     return array
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from callbacks.json_files import write_json_atomically
+from datamodules.arrays import nonfinite_rows
 from datamodules.flow_data import FlowDataModule, fingerprint
 from datamodules.kmeans import KMeansResult, check_num_clusters, kmeans, write_assignments
 from modules.metrics import label_agreement
@@ -172,12 +173,11 @@ def encode(
 
 
 def _check_finite(latents: torch.Tensor, description: dict) -> None:
-    bad_rows = ~torch.isfinite(latents).all(dim=1)
-    if bad_rows.any():
+    bad_rows = nonfinite_rows(latents)
+    if len(bad_rows):
         raise ValueError(
             f"encoder {description['name']!r} ({description.get('path', 'built in')}) gave NaN or inf for "
-            f"{int(bad_rows.sum())} of {len(latents)} samples "
-            f"(first: {bad_rows.nonzero().flatten()[:5].tolist()})"
+            f"{len(bad_rows)} of {len(latents)} samples (first: {bad_rows[:5].tolist()})"
         )
 
 

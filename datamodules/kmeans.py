@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datamodules.arrays import nonfinite_rows
+
 try:
     import faiss
 except ImportError:  # pragma: no cover - faiss is a declared dependency
@@ -65,12 +67,11 @@ def _check_features(features: torch.Tensor) -> torch.Tensor:
     if features.dim() != 2 or features.shape[1] == 0:
         raise ValueError(f"k-means features must have shape [N, D] with D >= 1, got {tuple(features.shape)}")
     features = features.detach().float().cpu()
-    bad_rows = ~torch.isfinite(features).all(dim=1)
-    if bad_rows.any():
-        first = bad_rows.nonzero().flatten()[:5].tolist()
+    bad_rows = nonfinite_rows(features)
+    if len(bad_rows):
         raise ValueError(
-            f"k-means features: {int(bad_rows.sum())} of {len(features)} rows hold NaN or inf "
-            f"(first rows: {first})"
+            f"k-means features: {len(bad_rows)} of {len(features)} rows hold NaN or inf "
+            f"(first rows: {bad_rows[:5].tolist()})"
         )
     return features
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.arrays import load_array
+from datamodules.arrays import load_array, nonfinite_rows
 
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
 
@@ -126,7 +126,7 @@ def user_array(path: str | Path, key: str | None = None) -> torch.Tensor:
         raise ValueError(f"{path}: expected numeric samples [N, D], [N, H, W] or [N, C, H, W], "
                          f"got shape {tuple(array.shape)} and dtype {array.dtype}")
     array = array.float()
-    bad = ~torch.isfinite(array.flatten(1)).all(dim=1)
-    if bad.any():
-        raise ValueError(f"{path}: {int(bad.sum())} samples hold NaN or inf (first: {bad.nonzero()[0].item()})")
+    bad = nonfinite_rows(array)
+    if len(bad):
+        raise ValueError(f"{path}: {len(bad)} samples hold NaN or inf (first: {bad[0].item()})")
     return array.unsqueeze(1) if array.dim() == 3 else array

@@ -105,6 +105,17 @@ def test_torchscript_encoder_errors_name_the_file(tmp_path):
         encode_and_cluster(tmp_path / "out", 4, dataset="moons", num_train=50, encoder="torchscript",
                            encoder_path=bad, batch_size=16, device="cpu")
     assert not (tmp_path / "out").exists()
+    nan_rows = tmp_path / "nan_rows.pt"
+    torch.jit.script(NaNForNegativeFirstCoordinate()).save(str(nan_rows))
+    with pytest.raises(ValueError, match=r"encoder 'torchscript' \(.*nan_rows.pt\) gave NaN or inf for \d+ of 50 samples"):
+        encode_and_cluster(tmp_path / "out", 4, dataset="moons", num_train=50, encoder="torchscript",
+                           encoder_path=nan_rows, device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+class NaNForNegativeFirstCoordinate(torch.nn.Module):
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return points[:, :1].sqrt()  # NaN where the first coordinate is negative
 
 
 def test_too_many_clusters_fail_before_anything_is_written(tmp_path, monkeypatch):

@@ -66,6 +66,11 @@ def test_user_arrays_and_their_errors(tmp_path):
     np.save(tmp_path / "images.npy", np.random.default_rng(0).normal(size=(50, 6, 6)).astype(np.float32))
     data = FlowDataModule(dataset="npy", path=str(tmp_path / "images.npy"))
     assert data.sample_shape == [1, 6, 6] and len(data.train_split["x"]) == 40
+    images = np.zeros((20, 3, 3), dtype=np.float32)
+    images[7, 1, 2] = np.nan
+    np.save(tmp_path / "nan.npy", images)
+    with pytest.raises(ValueError, match=r"nan.npy: 1 samples hold NaN or inf \(first: 7\)"):
+        FlowDataModule(dataset="npy", path=str(tmp_path / "nan.npy")).train_split
     np.save(tmp_path / "flat.npy", np.zeros(10))
     with pytest.raises(ValueError, match=r"flat.npy: expected numeric samples .* got shape \(10,\)"):
         FlowDataModule(dataset="npy", path=str(tmp_path / "flat.npy")).train_split
