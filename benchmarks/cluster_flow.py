@@ -40,7 +40,9 @@ import torch  # noqa: E402
 
 from benchmarks.record import write_record  # noqa: E402
 from cli import main as cli_main  # noqa: E402
+from datamodules.cluster_batches import ClusterMateBatches  # noqa: E402
 from datamodules.flow_data import EVAL_SEED_OFFSET, FlowDataModule, source_draw  # noqa: E402
+from datamodules.index_batches import EpochPermutation  # noqa: E402
 from modules.flow_evaluation import score_samples  # noqa: E402
 from modules.losses.flow_matching import cluster_mate_pairs  # noqa: E402
 from modules.metrics import label_agreement  # noqa: E402
@@ -76,18 +78,17 @@ def fit(dataset: str, mode: str, seed: int, steps: int, root: Path, data_overrid
 
 
 def valid_pair_ratios(data: FlowDataModule) -> dict[str, float]:
-    """Share of samples with a cluster-mate over one epoch: random batches vs cluster-mate batches."""
-    ratios = {}
-    per_cluster = data.hparams.samples_per_cluster
-    # n = 4 as in the configs when this run trains on plain batches
-    for name, samples_per_cluster in (("random_batches", 0), ("cluster_mate_batches", per_cluster or 4)):
-        data.hparams.samples_per_cluster = samples_per_cluster
-        ids = data.cluster_ids
-        valid = [cluster_mate_pairs(ids[b["index"]], item_ids=b["index"])[1].float().mean()
-                 for b in data.train_dataloader()]
-        ratios[name] = float(torch.stack(valid).mean())
-    data.hparams.samples_per_cluster = per_cluster
-    return ratios
+    """Share of samples with a cluster-mate over epoch 0: random batches vs cluster-mate batches."""
+    ids, hp = data.cluster_ids, data.hparams
+    samplers = {
+        "random_batches": EpochPermutation(len(ids), hp.batch_size, shuffle=True, drop_last=True, seed=hp.seed),
+        # n = 4 as in the configs when this run trains on plain batches
+        "cluster_mate_batches": ClusterMateBatches(len(ids), hp.batch_size, hp.samples_per_cluster or 4,
+                                                   lambda: ids, seed=hp.seed),
+    }
+    return {name: float(torch.stack([cluster_mate_pairs(ids[b], item_ids=b)[1].float().mean()
+                                     for b in sampler.rank_batches(sampler.generator())]).mean())
+            for name, sampler in samplers.items()}
 
 
 @torch.no_grad()

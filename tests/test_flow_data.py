@@ -163,11 +163,11 @@ def test_cluster_mate_batches_need_assignments_and_a_divisible_batch():
 def test_valid_pair_ratio_with_and_without_the_sampler():
     """At batch 64 and 100 balanced clusters, random batches leave most samples without a mate."""
     ids = torch.arange(2000) % 100
-    data = FlowDataModule(dataset="moons", num_train=2000, batch_size=64)
-    data.set_cluster_assignments(ids)
-    random_ratio = torch.stack([cluster_mate_pairs(ids[b["index"]])[1].float().mean()
-                                for b in data.train_dataloader()]).mean()
-    data.hparams.samples_per_cluster = 4
-    mate_ratio = torch.stack([cluster_mate_pairs(ids[b["index"]], item_ids=b["index"])[1].float().mean()
-                              for b in data.train_dataloader()]).mean()
+    ratios = []
+    for samples_per_cluster in (0, 4):
+        data = FlowDataModule(dataset="moons", num_train=2000, batch_size=64, samples_per_cluster=samples_per_cluster)
+        data.set_cluster_assignments(ids)
+        ratios.append(torch.stack([cluster_mate_pairs(ids[b["index"]], item_ids=b["index"])[1].float().mean()
+                                   for b in data.train_dataloader()]).mean())
+    random_ratio, mate_ratio = ratios
     assert random_ratio < 0.5 and mate_ratio == 1.0
