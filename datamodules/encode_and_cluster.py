@@ -41,21 +41,6 @@ DATASETS = ("moons", "checkerboard", "digits", "mnist", "npy")
 ENCODERS = ("identity", "pca", "torchscript", "hf")
 
 
-def load_training_samples(
-    dataset: str = "digits",
-    path: str | None = None,
-    key: str | None = None,
-    num_train: int | None = None,
-    data_seed: int = 0,
-    eval_fraction: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training samples ``[N, *sample_shape]`` and labels ``[N]`` (or None), exactly as training sees them."""
-    data = FlowDataModule(
-        dataset=dataset, path=path, key=key, num_train=num_train, seed=data_seed, eval_fraction=eval_fraction
-    )
-    return data.train_split["x"], data.train_split.get("y")
-
-
 # ---- encoders ---------------------------------------------------------------------------------
 def encode_pca(samples: torch.Tensor, pca_dim: int, seed: int = 0) -> tuple[torch.Tensor, float]:
     """``[N, pca_dim]`` PCA coordinates of the flattened samples and the share of variance they keep."""
@@ -241,7 +226,8 @@ def encode_and_cluster(
     _check_arguments(encoder, encoder_path)
     data_args = {"dataset": dataset, "path": path, "key": key, "num_train": num_train,
                  "seed": data_seed, "eval_fraction": eval_fraction}
-    samples, labels = load_training_samples(dataset, path, key, num_train, data_seed, eval_fraction)
+    training_split = FlowDataModule(**data_args).train_split  # row i here is training sample i there
+    samples, labels = training_split["x"], training_split.get("y")
     # Fail before the (possibly slow) encoder runs and before anything is written.
     check_num_clusters(n_clusters, len(samples), what=f"training samples of {dataset}")
     if encoder == "pca":
