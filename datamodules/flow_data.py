@@ -160,7 +160,10 @@ class FlowDataModule(L.LightningDataModule):
             raise ValueError(f"cluster assignments of shape {tuple(cluster_ids.shape)} do not match the "
                              f"{self.num_train_items} training items")
         self.cluster_ids = cluster_ids.long().cpu()
-        self._device_tables = {key: table for key, table in self._device_tables.items() if key[0] != "train"}
+        # Called at every epoch start: swap the ids in the device tables, never re-upload the samples.
+        for (split, device), table in self._device_tables.items():
+            if split == "train":
+                table["cluster"] = self.cluster_ids.to(device)
 
     # ---- loaders ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -94,6 +94,9 @@ def test_batches_carry_index_source_draws_and_cluster_ids():
     data.set_cluster_assignments(torch.arange(256) % 7)
     batch = materialized(data, next(iter(data.train_dataloader())))
     assert torch.equal(batch["cluster"], batch["index"] % 7)
+    data.set_cluster_assignments(torch.arange(256) % 3)  # recomputed clusters reach the next batches
+    batch = materialized(data, next(iter(data.train_dataloader())))
+    assert torch.equal(batch["cluster"], batch["index"] % 3)
     with pytest.raises(ValueError, match="do not match the 256 training items"):
         data.set_cluster_assignments(torch.zeros(10, dtype=torch.long))
 
