@@ -1,26 +1,21 @@
 """ClusterAssignment: precomputed or k-means at fit start, in checkpoints, identical on 2 DDP ranks."""
 
-import lightning as L
+from functools import partial
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.cluster_assignment import ClusterAssignment, first_of_each_index
-from datamodules.flow_data import FlowDataModule
 from datamodules.encode_and_cluster import encode_and_cluster
+from datamodules.flow_data import FlowDataModule
 from datamodules.kmeans import kmeans, read_assignments, write_assignments
-from modules.cluster_flow import ClusterFlowMatching
 from tests.conftest import quiet_trainer
 from tests.test_cli import cli
+from tests.test_cluster_flow_module import toy as flow_toy
 
-TINY_FLOW = {"hidden_dim": 32, "depth": 2, "time_dim": 16, "warmup_steps": 2, "eval_nfe": [1, 4]}
-
-
-def toy(num_train=240, batch_size=24, samples_per_cluster=0, **model_args):
-    data = FlowDataModule(dataset="moons", num_train=num_train, num_eval=64, batch_size=batch_size,
-                          samples_per_cluster=samples_per_cluster)
-    model = ClusterFlowMatching(sample_shape=[2], **(TINY_FLOW | model_args))
-    return model, data
+# the module tests' tiny flow on 240 toy points in batches of 24, plain batches unless asked
+toy = partial(flow_toy, num_train=240, batch_size=24, samples_per_cluster=0, source="gaussian")
 
 
 class RecordBatchClusters(Callback):
@@ -39,7 +34,7 @@ def test_padding_repeats_are_dropped_and_rows_come_in_index_order():
 
 
 def test_kmeans_at_fit_start_gives_batches_the_clusters_of_the_data(tmp_path):
-    model, data = toy(locality_mode="cluster_neighborhood")
+    model, data = toy("cluster_neighborhood")
     assignment, recorder = ClusterAssignment(num_clusters=6, seed=3), RecordBatchClusters()
     quiet_trainer(1, tmp_path, [assignment, recorder], limit_val_batches=0).fit(model, data)
     expected = kmeans(data.train_split["x"], 6, seed=3).assignments
@@ -49,7 +44,7 @@ def test_kmeans_at_fit_start_gives_batches_the_clusters_of_the_data(tmp_path):
 
 
 def test_precomputed_assignments_are_read_and_a_wrong_count_names_the_file(tmp_path):
-    model, data = toy(locality_mode="cluster_neighborhood", samples_per_cluster=4)
+    model, data = toy("cluster_neighborhood", samples_per_cluster=4)
     clusters = torch.arange(240) % 5
     write_assignments(tmp_path / "assignments.csv", clusters)
     recorder = RecordBatchClusters()
@@ -58,14 +53,14 @@ def test_precomputed_assignments_are_read_and_a_wrong_count_names_the_file(tmp_p
     for index, cluster in recorder.batches:
         assert torch.equal(cluster, clusters[index]) and (cluster.view(-1, 4) == cluster.view(-1, 4)[:, :1]).all()
     write_assignments(tmp_path / "short" / "assignments.csv", clusters[:100])
-    model, data = toy(locality_mode="cluster_neighborhood")
+    model, data = toy("cluster_neighborhood")
     with pytest.raises(ValueError, match=r"short/assignments.csv: has assignments for 100 samples but the training set has 240"):
         quiet_trainer(1, tmp_path, [ClusterAssignment(assignments=str(tmp_path / "short"))]).fit(model, data)
 
 
 def test_encode_and_cluster_output_trains_and_another_training_set_is_refused(tmp_path):
     encode_and_cluster(tmp_path / "clusters", 5, dataset="moons", num_train=240, device="cpu")
-    model, data = toy(locality_mode="cluster_neighborhood", samples_per_cluster=4)
+    model, data = toy("cluster_neighborhood", samples_per_cluster=4)
     callback = ClusterAssignment(assignments=str(tmp_path / "clusters" / "assignments.csv"))
     quiet_trainer(1, tmp_path, [callback], limit_train_batches=2, limit_val_batches=0).fit(model, data)
     assert torch.equal(data.cluster_ids, read_assignments(tmp_path / "clusters"))
@@ -81,7 +76,7 @@ def test_too_many_clusters_fail_before_training(tmp_path):
 
 
 def test_recomputed_every_n_epochs_and_kept_in_checkpoints(tmp_path):
-    model, data = toy(locality_mode="cluster_neighborhood")
+    model, data = toy("cluster_neighborhood")
     assignment = ClusterAssignment(num_clusters=4, every_n_epochs=2)
     runs = []
 
