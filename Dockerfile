@@ -15,6 +15,9 @@ COPY pyproject.toml README.md ./
 COPY modules modules
 COPY datamodules datamodules
 COPY callbacks callbacks
+COPY clustering clustering
+COPY text text
+COPY tools tools
 COPY configs configs
 COPY cli.py ./
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from benchmarks.record import write_record  # noqa: E402
 from cli import main as cli_main  # noqa: E402
-from datamodules import EmbeddingsDataModule  # noqa: E402
+from datamodules.embeddings import EmbeddingsDataModule  # noqa: E402
 from modules.metrics import ClusterOccupancy, label_metrics  # noqa: E402
 
 CONFIGS = {

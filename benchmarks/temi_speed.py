@@ -51,9 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
 
-from datamodules import EmbeddingsDataModule  # noqa: E402
+from datamodules.embeddings import EmbeddingsDataModule  # noqa: E402
 from datamodules.embeddings import load_digits_arrays  # noqa: E402
-from datamodules.knn import cosine_knn  # noqa: E402
+from clustering.knn import cosine_knn  # noqa: E402
 from modules.temi import TEMIClustering  # noqa: E402
 
 KNN = 50

@@ -1,7 +1,7 @@
 """k-means cluster ids for every training item, shared by the methods that pair or pool by cluster.
 
 Either the assignments are read once from ``assignments.csv`` (written by
-``python -m datamodules.encode_and_cluster``), or k-means runs at fit start (and, with
+``python -m tools.encode_and_cluster``), or k-means runs at fit start (and, with
 ``every_n_epochs``, again every that many epochs) on features the module computes:
 
 1. every rank computes features of its shard of the training set, with the dataset indices;
@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.kmeans import check_num_clusters, kmeans, read_assignments
+from clustering.kmeans import check_num_clusters, kmeans, read_assignments
 from modules.distributed import gather_rows
 
 

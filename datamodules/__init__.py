@@ -1,5 +1,2 @@
-"""LightningDataModules and the data utilities they share."""
-
-from datamodules.embeddings import EmbeddingsDataModule
-
-__all__ = ["EmbeddingsDataModule"]
+"""LightningDataModules and the data utilities they share (imported by dotted path, so importing
+one datamodule does not import the others)."""

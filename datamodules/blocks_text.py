@@ -1,7 +1,7 @@
 """Sentences about colored blocks, as token ids for the visual-latent encoder (spec 004, section 0).
 
 Training items are scenes of the train split, each with ``views_per_scene`` meaning-preserving
-realizations and ``counterfactuals_per_scene`` meaning-breaking ones (``datamodules.blocks``).
+realizations and ``counterfactuals_per_scene`` meaning-breaking ones (``text.blocks``).
 Every epoch draws, per scene, two distinct views and one counterfactual from a generator seeded by
 ``(seed, epoch)``, so resumed and multi-GPU runs see the same pairs.
 
@@ -22,8 +22,8 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
-from datamodules.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
-from datamodules.bpe import encode, train_bpe, trim_padding
+from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
+from text.tokenizer import encode, train_bpe, trim_padding
 from datamodules.index_batches import EpochPermutation, IndexBatchLoader, ItemDraw, rank_and_world
 
 _EVAL_SPLIT = {RunningStage.SANITY_CHECKING: "val", RunningStage.VALIDATING: "val",

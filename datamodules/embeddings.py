@@ -3,7 +3,7 @@
 Sources, in order of precedence:
 
 * ``folder``: the official TEMI layout (``embeddings.pt``, ``label.pt``, ``knn.pt`` and the
-  optional ``-test`` files), as written by ``python -m datamodules.image_embeddings``;
+  optional ``-test`` files), as written by ``python -m tools.image_embeddings``;
 * ``embeddings`` (+ optional ``labels``, ``test_embeddings``, ``test_labels``): ``.npy``,
   ``.npz`` or ``.pt`` files;
 * nothing: scikit-learn's digits (1,797 images of 8x8 pixels, 10 classes), shipped inside the
@@ -35,7 +35,7 @@ from datamodules.arrays import (
     temi_folder_paths,
 )
 from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw, rank_and_world
-from datamodules.knn import check_k, cosine_knn
+from clustering.knn import check_k, cosine_knn
 
 Split = Literal["train", "test"]
 _STAGE_SPLIT = {

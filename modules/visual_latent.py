@@ -25,8 +25,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from datamodules.blocks import COUNTERFACTUAL_KINDS
-from datamodules.bpe import PAD_ID
+from text.blocks import COUNTERFACTUAL_KINDS
+from text.tokenizer import PAD_ID
 from modules.distributed import gather_rows, gather_with_gradients
 from modules.latent_snapshot import LatentSnapshot
 from modules.losses.contrastive import info_nce, vicreg_regularizer

@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import pytest
 
-from datamodules.blocks import (
+from text.blocks import (
     COLORS,
     COUNTERFACTUAL_KINDS,
     SPLITS,
@@ -33,7 +33,7 @@ from datamodules.blocks import (
     training_examples,
     view,
 )
-from datamodules.blocks.sentences import VIEW_FIELDS, distinct_realizations
+from text.blocks.sentences import VIEW_FIELDS, distinct_realizations
 
 RED_CUBES, BLUE_BALL = Group("red", "cube", 2), Group("blue", "ball", 1)
 CUBES_ON_BALL = Scene((RED_CUBES, BLUE_BALL), (Relation("on", RED_CUBES.ref, BLUE_BALL.ref),))

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer
 
 from datamodules.blocks_text import BlocksTextDataModule, view_pair_draw
-from datamodules.bpe import PAD_ID, encode, train_bpe, trim_padding
+from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
 
 SMALL_DATA = {"num_train_scenes": 120, "views_per_scene": 4, "counterfactuals_per_scene": 16,
               "counterfactuals_per_anchor": 2, "vocab_size": 512,

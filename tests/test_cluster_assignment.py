@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.cluster_assignment import ClusterAssignment, first_of_each_index
-from datamodules.encode_and_cluster import encode_and_cluster
+from tools.encode_and_cluster import encode_and_cluster
 from datamodules.flow_data import FlowDataModule
-from datamodules.kmeans import kmeans, read_assignments, write_assignments
+from clustering.kmeans import kmeans, read_assignments, write_assignments
 from tests.conftest import quiet_trainer
 from tests.test_cli import cli
 from tests.test_cluster_flow_module import toy as flow_toy

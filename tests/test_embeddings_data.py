@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import EmbeddingsDataModule
+from datamodules.embeddings import EmbeddingsDataModule
 from datamodules.arrays import save_temi_folder
 from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw
 from tests.conftest import blob_data

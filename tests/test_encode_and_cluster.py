@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.encode_and_cluster import encode_and_cluster
+from tools.encode_and_cluster import encode_and_cluster
 from datamodules.flow_data import FlowDataModule
-from datamodules.kmeans import read_assignments
+from clustering.kmeans import read_assignments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("latents.npy", "cluster_centers.npy", "assignments.csv", "clusters.json")
@@ -119,7 +119,7 @@ class NaNForNegativeFirstCoordinate(torch.nn.Module):
 
 
 def test_too_many_clusters_fail_before_anything_is_written(tmp_path, monkeypatch):
-    import datamodules.encode_and_cluster as module
+    import tools.encode_and_cluster as module
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the encoder ran before the cluster count was checked")
@@ -139,7 +139,7 @@ def test_hf_encoder_embeds_the_images(tmp_path, tiny_dinov2):
     # The same images written as 8-bit PNG files and embedded by image_embeddings give the same vectors.
     from PIL import Image
 
-    from datamodules.image_embeddings import embed_paths, load_backbone
+    from tools.image_embeddings import embed_paths, load_backbone
 
     images = FlowDataModule(dataset="digits", num_train=40).train_split["x"]
     paths = []
@@ -161,7 +161,7 @@ def test_hf_encoder_refuses_points(tmp_path, tiny_dinov2):
 
 def test_command_line(tmp_path):
     env = os.environ | {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "datamodules.encode_and_cluster", "--dataset", "checkerboard",
+    command = [sys.executable, "-m", "tools.encode_and_cluster", "--dataset", "checkerboard",
                "--num-train", "400", "--n-clusters", "8", "--out-dir", str(tmp_path), "--device", "cpu"]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

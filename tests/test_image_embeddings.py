@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.image_embeddings import embed_images, write_embedding_folder
+from tools.image_embeddings import embed_images, write_embedding_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
@@ -127,7 +127,7 @@ def test_unloadable_model_names_it(tmp_path):
 
 def test_cli_prints_the_summary(tiny_dinov2, tmp_path):
     folder = class_folder(tmp_path / "images", per_class=2)
-    command = [sys.executable, "-m", "datamodules.image_embeddings", "--images", str(folder),
+    command = [sys.executable, "-m", "tools.image_embeddings", "--images", str(folder),
                "--model", str(tiny_dinov2), "--out", str(tmp_path / "out"), "--k", "2", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from datamodules.kmeans import (
+from clustering.kmeans import (
     check_num_clusters,
     drop_empty_clusters,
     kmeans,

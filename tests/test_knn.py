@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from datamodules.knn import cosine_knn
+from clustering.knn import cosine_knn
 
 
 def test_nearest_neighbours_by_hand():

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks.random_state import RandomState
-from datamodules import EmbeddingsDataModule
+from datamodules.embeddings import EmbeddingsDataModule
 from modules.temi import TEMIClustering
 from tests.conftest import TINY_TEMI, quiet_trainer
 

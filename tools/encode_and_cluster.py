@@ -11,14 +11,14 @@ row ``i`` here is training sample ``i`` there. Each sample is encoded to a vecto
   images (``[C, H, W]`` in [-1, 1], grayscale repeated to RGB) as 8-bit pictures; its
   ``pooler_output``, else its CLS token, is the vector.
 
-The vectors are clustered with faiss k-means (``datamodules.kmeans``). Written to ``--out-dir``:
+The vectors are clustered with faiss k-means (``clustering.kmeans``). Written to ``--out-dir``:
 ``latents.npy`` [N, D'], ``cluster_centers.npy`` [K', D'], ``assignments.csv`` (what training
 reads) and ``clusters.json`` (arguments, cluster sizes, and agreement with the labels when the
 dataset has them).
 
 Usage::
 
-    python -m datamodules.encode_and_cluster --dataset digits --encoder pca --n-clusters 50 --out-dir DIR
+    python -m tools.encode_and_cluster --dataset digits --encoder pca --n-clusters 50 --out-dir DIR
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from callbacks.json_files import write_json_atomically
 from datamodules.arrays import nonfinite_rows
 from datamodules.flow_data import FlowDataModule, fingerprint
-from datamodules.kmeans import KMeansResult, check_num_clusters, kmeans, write_assignments
+from clustering.kmeans import KMeansResult, check_num_clusters, kmeans, write_assignments
 from modules.metrics import label_agreement
 
 DATASETS = ("moons", "checkerboard", "digits", "mnist", "npy")
@@ -120,7 +120,7 @@ def encode_hf(
     samples: torch.Tensor, encoder_path: str | Path, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
     """``[N, D']`` float32 embeddings of the images by the local Hugging Face backbone at ``encoder_path``."""
-    from datamodules.image_embeddings import embed_pictures, load_backbone
+    from tools.image_embeddings import embed_pictures, load_backbone
 
     as_rgb_pictures(samples[:1])  # a sample shape or range the backbone cannot take fails before loading it
     processor, backbone = load_backbone(encoder_path, device, local_files_only=True)
@@ -267,7 +267,7 @@ def summary_line(record: dict, out_dir: str | Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m datamodules.encode_and_cluster", description=__doc__.split("\n")[0]
+        prog="python -m tools.encode_and_cluster", description=__doc__.split("\n")[0]
     )
     data = parser.add_argument_group("training data (must match the training run's data arguments)")
     data.add_argument("--dataset", choices=DATASETS, default="digits")

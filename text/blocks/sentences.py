@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TypeVar
 
-from datamodules.blocks.scenes import (
+from text.blocks.scenes import (
     COUNTERFACTUAL_KINDS,
     Group,
     Ref,

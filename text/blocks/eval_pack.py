@@ -3,7 +3,7 @@
 Val items come from val-split scenes and test items from test-split scenes, so the pack never
 overlaps the training corpus. ``montage`` holds the 16 fixed sentences whose latent channels are
 plotted every epoch. The pack ships as ``eval_pack.json`` next to this module; regenerate it with
-``python -m datamodules.blocks.eval_pack --out datamodules/blocks/eval_pack.json``.
+``python -m text.blocks.eval_pack --out text/blocks/eval_pack.json``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import random
 from importlib import resources
 from typing import Any
 
-from datamodules.blocks.scenes import COUNTERFACTUAL_KINDS, Scene, distinct_scenes
-from datamodules.blocks.sentences import (
+from text.blocks.scenes import COUNTERFACTUAL_KINDS, Scene, distinct_scenes
+from text.blocks.sentences import (
     MAX_DISTINCT_SENTENCES,
     counterfactual_sentence,
     distinct_realizations,

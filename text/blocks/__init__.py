@@ -3,8 +3,8 @@ a rule-based parser and the fixed evaluation pack (spec 004, section 0)."""
 
 from __future__ import annotations
 
-from datamodules.blocks.parser import parse
-from datamodules.blocks.scenes import (
+from text.blocks.parser import parse
+from text.blocks.scenes import (
     COLORS,
     COUNTERFACTUAL_KINDS,
     RELATIONS,
@@ -18,7 +18,7 @@ from datamodules.blocks.scenes import (
     sample_scenes,
     scene_split,
 )
-from datamodules.blocks.sentences import (
+from text.blocks.sentences import (
     VIEW_KINDS,
     Style,
     counterfactual_sentence,
@@ -57,10 +57,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # Imported on first use so that ``python -m datamodules.blocks.eval_pack`` does not find the module
+    # Imported on first use so that ``python -m text.blocks.eval_pack`` does not find the module
     # already imported by its own package.
     if name in ("build_eval_pack", "load_eval_pack"):
-        from datamodules.blocks import eval_pack
+        from text.blocks import eval_pack
 
         return getattr(eval_pack, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ which the project's embeddings datamodule reads with ``data.folder=OUT``; ``clas
 
 Usage::
 
-    python -m datamodules.image_embeddings --images DIR --model PATH_OR_NAME --out DIR \\
+    python -m tools.image_embeddings --images DIR --model PATH_OR_NAME --out DIR \\
         [--test-images DIR] [--k 50] [--batch-size 64] [--device cpu|cuda] [--allow-download]
 """
 
@@ -29,7 +29,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
 
 from datamodules.arrays import save_temi_folder
-from datamodules.knn import check_k, cosine_knn
+from clustering.knn import check_k, cosine_knn
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -197,7 +197,7 @@ def write_embedding_folder(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m datamodules.image_embeddings", description=__doc__.split("\n")[0]
+        prog="python -m tools.image_embeddings", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--images", required=True, help="train images: class subfolders or a flat folder")
     parser.add_argument("--model", required=True, help="local model folder (hub name: --allow-download)")

@@ -10,8 +10,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from datamodules.blocks.scenes import COLORS, Group, Ref, Relation, Scene
-from datamodules.blocks.sentences import CONNECTIVES, NUMBER_WORDS, RELATION_VOICES, SHAPE_NAMES, plural_verb
+from text.blocks.scenes import COLORS, Group, Ref, Relation, Scene
+from text.blocks.sentences import CONNECTIVES, NUMBER_WORDS, RELATION_VOICES, SHAPE_NAMES, plural_verb
 
 _COUNTS = {word: count for count, words in NUMBER_WORDS.items() for word in words} | {"an": 1}
 # Singular and plural surface name -> canonical shape.

@@ -179,7 +179,7 @@ def read_assignments(path: str | Path, num_items: int | None = None) -> torch.Te
         path = path / ASSIGNMENTS_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: no such assignments file (write one with python -m datamodules.encode_and_cluster)"
+            f"{path}: no such assignments file (write one with python -m tools.encode_and_cluster)"
         )
     rows = _parse_rows(path)
     clusters = _clusters_by_index(rows, path)

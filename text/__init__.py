@@ -1,0 +1,1 @@
+"""Text pieces every layer may import: the BPE tokenizer and the block-world corpus."""

@@ -1,0 +1,1 @@
+"""Command-line tools (``python -m tools.NAME``): they may import every other package."""
