@@ -8,7 +8,9 @@ Every epoch draws, per scene, two distinct views and one counterfactual from a g
 Validation and test read the evaluation pack shipped with the code (held-out scenes of the val and
 test splits): each item's sentence, its paraphrases and its counterfactuals.
 
-All ids are held as tensors, moved once to the module's device, and gathered there per batch.
+All ids are held as tensors, moved once to the module's device, and gathered there per batch
+(``datamodules.index_tables``). Each batch is cut to its longest sentence: the width is read on the
+host from a table of sentence lengths before the batch moves, so the device never reports back.
 """
 
 from __future__ import annotations
@@ -16,18 +18,17 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
 from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
-from text.tokenizer import encode, train_bpe, trim_padding
-from datamodules.index_batches import EpochPermutation, IndexBatchLoader, ItemDraw, rank_and_world
+from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
+from datamodules.index_batches import IndexBatchLoader, ItemDraw
+from datamodules.index_tables import IndexTablesDataModule
 
-_EVAL_SPLIT = {RunningStage.SANITY_CHECKING: "val", RunningStage.VALIDATING: "val",
-               RunningStage.TESTING: "test", RunningStage.PREDICTING: "test"}
+EVAL_ID_KEYS = ("sentence", "paraphrases", "counterfactuals")
 
 
 def view_pair_draw(num_views: int, num_counterfactuals: int, per_anchor: int = 1) -> ItemDraw:
@@ -54,7 +55,12 @@ def view_pair_draw(num_views: int, num_counterfactuals: int, per_anchor: int = 1
     return draw
 
 
-class BlocksTextDataModule(L.LightningDataModule):
+def _longest(lengths: torch.Tensor) -> int:
+    """The largest of host-side sentence lengths; 0 for an empty batch (a rank's empty evaluation shard)."""
+    return int(lengths.max()) if lengths.numel() else 0
+
+
+class BlocksTextDataModule(IndexTablesDataModule):
     """Token ids of generated block-world sentences, their views and counterfactuals.
 
     Args:
@@ -69,7 +75,7 @@ class BlocksTextDataModule(L.LightningDataModule):
         tokenizer_file: a saved ``tokenizer.json`` to use instead of training one.
         batch_size: scenes per device and step; eval_batch_size: evaluation items per batch.
         eval_items: evaluate on the first ``eval_items`` items of the pack (``None``: all).
-        seed: seeds the corpus and each epoch's view draws.
+        seed: seeds the corpus and each epoch's view draws; ``None``: the global seed of ``seed_everything``.
     """
 
     def __init__(
@@ -84,13 +90,14 @@ class BlocksTextDataModule(L.LightningDataModule):
         batch_size: int = 256,
         eval_batch_size: int = 256,
         eval_items: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        self.resolve_data_seed()
         self._tokenizer: Tokenizer | None = None
         self._tensors: dict[str, torch.Tensor] = {}
-        self._device_tensors: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._lengths: dict[str, torch.Tensor] = {}
 
     def __str__(self) -> str:
         return f"{type(self).__name__}(scenes={self.hparams.num_train_scenes}, seed={self.hparams.seed})"
@@ -157,7 +164,8 @@ class BlocksTextDataModule(L.LightningDataModule):
             self._tensors[f"{split}_counterfactual_kind"] = torch.tensor(
                 [[COUNTERFACTUAL_KINDS.index(kind) for kind in item["counterfactual_kinds"]] for item in items]
             )
-        self._device_tensors.clear()
+        self._lengths = {name: (ids != PAD_ID).sum(-1) for name, ids in self._tensors.items() if "kind" not in name}
+        self.clear_device_tables()
 
     def setup(self, stage: str) -> None:
         if not self._tensors:
@@ -187,50 +195,51 @@ class BlocksTextDataModule(L.LightningDataModule):
         return [item["sentence"] for item in self.eval_pack["val"][:16]]
 
     # ---- loaders ---------------------------------------------------------------------------
+    STAGE_SPLITS = {RunningStage.TRAINING: "train", RunningStage.SANITY_CHECKING: "val",
+                    RunningStage.VALIDATING: "val", RunningStage.TESTING: "test", RunningStage.PREDICTING: "test"}
+
     def train_dataloader(self) -> IndexBatchLoader:
-        rank, world_size = rank_and_world(self.trainer)
         views = self._tensors["train_views"]
-        sampler = EpochPermutation(len(views), self.hparams.batch_size, shuffle=True, drop_last=True,
-                                   seed=self.hparams.seed, rank=rank, world_size=world_size)
         draw = view_pair_draw(views.shape[1], self._tensors["train_counterfactuals"].shape[1],
                               self.hparams.counterfactuals_per_anchor)
-        return IndexBatchLoader(sampler, draw)
-
-    def _eval_loader(self, split: str) -> IndexBatchLoader:
-        rank, world_size = rank_and_world(self.trainer)
-        sampler = EpochPermutation(len(self._tensors[f"{split}_sentence"]), self.hparams.eval_batch_size,
-                                   shuffle=False, drop_last=False, rank=rank, world_size=world_size)
-        return IndexBatchLoader(sampler)
+        return self.train_loader(len(views), draw, self._train_widths)
 
     def val_dataloader(self) -> IndexBatchLoader:
-        return self._eval_loader("val")
+        return self.eval_loader(len(self._tensors["val_sentence"]), host_fields=self._eval_widths("val"))
 
     def test_dataloader(self) -> IndexBatchLoader:
-        return self._eval_loader("test")
+        return self.eval_loader(len(self._tensors["test_sentence"]), host_fields=self._eval_widths("test"))
 
-    def _on_device(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, device)
-        if key not in self._device_tensors:
-            self._device_tensors[key] = self._tensors[name].to(device)
-        return self._device_tensors[key]
+    def _train_widths(self, batch: dict) -> dict:
+        """Token columns each training field needs: its longest drawn sentence, read on the host."""
+        index, views, counterfactuals = batch["index"], self._lengths["train_views"], self._lengths["train_counterfactuals"]
+        return {"width": {"view_a": _longest(views[index, batch["view_a"]]),
+                          "view_b": _longest(views[index, batch["view_b"]]),
+                          "counterfactual": _longest(counterfactuals[index[:, None], batch["counterfactual"]])}}
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Gather token ids on the device: ``view_a``, ``view_b`` ``[b, L]`` and ``counterfactual``
-        ``[b, n, L]`` in training; ``sentence [b, L]``, ``paraphrases [b, P, L]``,
-        ``counterfactuals [b, K, L]`` and
+    def _eval_widths(self, split: str):
+        def widths(batch: dict) -> dict:
+            return {"width": {key: _longest(self._lengths[f"{split}_{key}"][batch["index"]]) for key in EVAL_ID_KEYS}}
+
+        return widths
+
+    def host_tables(self, split: str) -> dict[str, torch.Tensor]:
+        return {name[len(split) + 1:]: ids for name, ids in self._tensors.items() if name.startswith(f"{split}_")}
+
+    def gather(self, batch: dict, split: str) -> dict:
+        """Gather token ids on the device, each field cut to the batch's ``width`` (computed on the
+        host): ``view_a``, ``view_b`` ``[b, L]`` and ``counterfactual`` ``[b, n, L]`` in training;
+        ``sentence [b, L]``, ``paraphrases [b, P, L]``, ``counterfactuals [b, K, L]`` and
         ``counterfactual_kind [b, K]`` (index into ``COUNTERFACTUAL_KINDS``) in evaluation."""
-        index, device = batch["index"], batch["index"].device
-        stage = self.trainer.state.stage if self.trainer is not None else RunningStage.TRAINING
-        if stage == RunningStage.TRAINING:
-            views = self._on_device("train_views", device)[index]
-            counterfactuals = self._on_device("train_counterfactuals", device)[index]
-            rows = torch.arange(len(index), device=device)
-            batch["view_a"] = trim_padding(views[rows, batch["view_a"]])
-            batch["view_b"] = trim_padding(views[rows, batch["view_b"]])
-            batch["counterfactual"] = trim_padding(counterfactuals[rows[:, None], batch["counterfactual"]])
+        index, width = batch["index"], batch.pop("width")
+        tables = self.device_tables(split, index.device)
+        if split == "train":
+            views, counterfactuals = tables["views"], tables["counterfactuals"]
+            batch["view_a"] = views[index, batch["view_a"], : width["view_a"]]
+            batch["view_b"] = views[index, batch["view_b"], : width["view_b"]]
+            batch["counterfactual"] = counterfactuals[index[:, None], batch["counterfactual"], : width["counterfactual"]]
             return batch
-        split = _EVAL_SPLIT[stage]
-        for key in ("sentence", "paraphrases", "counterfactuals"):
-            batch[key] = trim_padding(self._on_device(f"{split}_{key}", device)[index])
-        batch["counterfactual_kind"] = self._on_device(f"{split}_counterfactual_kind", device)[index]
+        for key in EVAL_ID_KEYS:
+            batch[key] = tables[key][index, ..., : width[key]]
+        batch["counterfactual_kind"] = tables["counterfactual_kind"][index]
         return batch

@@ -11,7 +11,7 @@ Sources, in order of precedence:
 
 Without a test split, validation and test evaluate on the training embeddings, the usual
 transductive protocol of deep clustering. Embeddings are held as tensors and moved once to the
-module's device; batches carry indices and are gathered there (``on_after_batch_transfer``).
+module's device; batches carry indices and are gathered there (``datamodules.index_tables``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.arrays import (
@@ -34,17 +32,11 @@ from datamodules.arrays import (
     load_array,
     temi_folder_paths,
 )
-from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw, rank_and_world
+from datamodules.index_batches import IndexBatchLoader, neighbour_draw
+from datamodules.index_tables import IndexTablesDataModule, Tables
 from clustering.knn import check_k, cosine_knn
 
 Split = Literal["train", "test"]
-_STAGE_SPLIT = {
-    RunningStage.TRAINING: "train",
-    RunningStage.SANITY_CHECKING: "eval",
-    RunningStage.VALIDATING: "eval",
-    RunningStage.TESTING: "eval",
-    RunningStage.PREDICTING: "eval",
-}
 
 
 def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +46,7 @@ def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(digits.data).float(), torch.from_numpy(digits.target).long()
 
 
-class EmbeddingsDataModule(L.LightningDataModule):
+class EmbeddingsDataModule(IndexTablesDataModule):
     """Embeddings ``[N, D]``, optional labels ``[N]``, and each item's ``knn`` cosine neighbours.
 
     Args:
@@ -69,7 +61,8 @@ class EmbeddingsDataModule(L.LightningDataModule):
         normalize: applied to the inputs the model sees (kNN always uses raw cosine):
             ``"standardize"`` with training mean/std (official ``--embed_norm``), ``"l2"``, ``"none"``.
         batch_size: per device, as everywhere in Lightning.
-        seed: seeds the epoch permutations and neighbour draws (with the epoch number).
+        seed: seeds the epoch permutations and neighbour draws (with the epoch number);
+            ``None``: the global seed of ``seed_everything``.
     """
 
     def __init__(
@@ -87,16 +80,16 @@ class EmbeddingsDataModule(L.LightningDataModule):
         normalize: Literal["none", "standardize", "l2"] = "none",
         batch_size: int = 256,
         eval_batch_size: int = 1024,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         # The resolved config is logged whole; the data's derived values reach the model by links.
         self.save_hyperparameters(logger=False)
+        self.resolve_data_seed()
         if folder is not None and embeddings is not None:
             raise ValueError("give either folder= (TEMI layout) or embeddings= (array file), not both")
         if labels is not None and embeddings is None:
             raise ValueError("labels= needs embeddings= (the array file the labels belong to)")
-        self._device_tables: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
 
     def __str__(self) -> str:
         return f"{type(self).__name__}(source={self.source_name!r}, knn={self.hparams.knn})"
@@ -231,41 +224,22 @@ class EmbeddingsDataModule(L.LightningDataModule):
         if stage == "fit":
             self.neighbors  # noqa: B018 - fail early on a bad k, before training starts
 
-    def _loader(self, num_items: int, batch_size: int, train: bool) -> IndexBatchLoader:
-        rank, world_size = rank_and_world(self.trainer)
-        sampler = EpochPermutation(
-            num_items, batch_size, shuffle=train, drop_last=train, seed=self.hparams.seed,
-            rank=rank, world_size=world_size,
-        )
-        return IndexBatchLoader(sampler, neighbour_draw(self.neighbors) if train else None)
-
     def train_dataloader(self) -> IndexBatchLoader:
-        return self._loader(len(self.train_split["x"]), self.hparams.batch_size, train=True)
+        return self.train_loader(len(self.train_split["x"]), neighbour_draw(self.neighbors))
 
     def _eval_loader(self) -> IndexBatchLoader:
-        return self._loader(len(self.eval_split["x"]), self.hparams.eval_batch_size, train=False)
+        return self.eval_loader(len(self.eval_split["x"]))
 
     val_dataloader = test_dataloader = predict_dataloader = _eval_loader
 
-    def _device_table(self, name: str, device: torch.device) -> dict[str, torch.Tensor]:
-        key = (name, device)
-        if key not in self._device_tables:
-            split = self.train_split if name == "train" else self.eval_split
-            table = {"x": self._input_transform(split["x"]).to(device)}
-            if "y" in split:
-                table["y"] = split["y"].to(device)
-            self._device_tables[key] = table
-        return self._device_tables[key]
+    def host_tables(self, split: str) -> Tables:
+        rows = self.train_split if split == "train" else self.eval_split
+        return {"x": self._input_transform(rows["x"])} | ({"y": rows["y"]} if "y" in rows else {})
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Gather the rows of this batch's indices from the tables on the batch's device."""
+    def gather(self, batch: dict, split: str) -> dict:
+        """Inputs ``x`` (and labels ``y``) of the batch's items, and ``x_pair`` of their drawn neighbours."""
         if "x" in batch:  # already materialized (e.g. a batch built by hand)
             return batch
-        stage = self.trainer.state.stage if self.trainer is not None else RunningStage.TRAINING
-        table = self._device_table(_STAGE_SPLIT[stage], batch["index"].device)
-        batch["x"] = table["x"][batch["index"]]
         if "pair_index" in batch:
-            batch["x_pair"] = table["x"][batch["pair_index"]]
-        if "y" in table:
-            batch["y"] = table["y"][batch["index"]]
-        return batch
+            batch["x_pair"] = self.device_tables(split, batch["index"].device)["x"][batch["pair_index"]]
+        return super().gather(batch, split)

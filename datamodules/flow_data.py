@@ -7,10 +7,14 @@ from their own seed, digits and user arrays hold out ``eval_fraction`` by a perm
 with 0, MNIST uses its ``t10k`` files when present.
 
 Every batch carries dataset ``index`` (so cluster ids can be looked up), ``x0`` (a source draw per
-item, from the epoch's generator, so resumed and multi-GPU runs see the same pairs), and, once
-assignments are known, ``cluster``. ``samples_per_cluster > 0`` switches training batches to
-cluster-mates (``datamodules.cluster_batches``). Evaluation batches draw ``x0`` from a fixed
-generator, so every evaluation starts from the same noise.
+item) and, once assignments are known, ``cluster``. Training batches also carry the flow time
+``t ~ U(0, 1)`` ``[B]`` and ``noise ~ N(0, I)`` of the sample shape (the random perturbation's).
+All three are the item's own draws of the epoch, keyed by (seed, epoch, dataset index) as the
+index loader draws them, so resumed runs see the same pairs and the values of an item do not
+depend on the number of ranks, yet differ between the items of different ranks (issue 9,
+item 7). ``samples_per_cluster > 0`` switches training batches to cluster-mates
+(``datamodules.cluster_batches``). Evaluation batches draw ``x0`` from a fixed generator, so
+every evaluation starts from the same noise.
 
 For the ``ClusterAssignment`` callback this datamodule provides ``cluster_dataloader()``,
 ``num_train_items``, ``set_cluster_assignments(ids)`` and ``train_fingerprint``.
@@ -22,13 +26,12 @@ import hashlib
 from functools import cached_property
 from typing import Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.trainer.states import RunningStage
 
 from datamodules import point_sets
 from datamodules.cluster_batches import ClusterMateBatches
 from datamodules.index_batches import EpochPermutation, IndexBatchLoader, ItemDraw, rank_and_world
+from datamodules.index_tables import IndexTablesDataModule, Tables
 
 Dataset = Literal["moons", "checkerboard", "digits", "mnist", "npy"]
 TOYS = {"moons": point_sets.moons, "checkerboard": point_sets.checkerboard}
@@ -64,7 +67,19 @@ def source_draw(source: str, shape: tuple[int, ...], fixed_seed: int | None = No
     return draw
 
 
-class FlowDataModule(L.LightningDataModule):
+def training_draw(source: str, shape: tuple[int, ...]) -> ItemDraw:
+    """Per item and epoch: the source draw ``x0``, the flow time ``t ~ U(0, 1)`` of
+    ``x_t = (1 - t) x0 + t x1`` and the perturbation ``noise ~ N(0, I)`` (spec 000)."""
+
+    def draw(generator: torch.Generator, num_items: int) -> dict[str, torch.Tensor]:
+        x0 = point_sets.source_samples(source, num_items, shape, generator)  # first: the same x0 as ever
+        return {"x0": x0, "t": torch.rand(num_items, generator=generator),
+                "noise": torch.randn(num_items, *shape, generator=generator)}
+
+    return draw
+
+
+class FlowDataModule(IndexTablesDataModule):
     """Data for flow matching from a source to a dataset.
 
     Args:
@@ -77,7 +92,8 @@ class FlowDataModule(L.LightningDataModule):
         batch_size: per device.
         samples_per_cluster: ``n`` of the cluster-mate batches (``batch_size / n`` clusters per
             batch); 0 draws plain shuffled batches.
-        seed: seeds epoch orders and source draws (with the epoch number) and the toys' training set.
+        seed: seeds epoch orders and the items' draws (with the epoch number) and the toys' training
+            set; ``None``: the global seed of ``seed_everything``.
     """
 
     def __init__(
@@ -92,16 +108,16 @@ class FlowDataModule(L.LightningDataModule):
         batch_size: int = 256,
         eval_batch_size: int = 1024,
         samples_per_cluster: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        self.resolve_data_seed()
         if dataset in ("mnist", "npy") and path is None:
             raise ValueError(f"dataset={dataset!r} reads from data.path; give the {dataset} file or folder")
         if dataset not in (*TOYS, "digits", "mnist", "npy"):
             raise ValueError(f"dataset must be one of moons, checkerboard, digits, mnist, npy; got {dataset!r}")
         self.cluster_ids: torch.Tensor | None = None
-        self._device_tables: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
 
     def __str__(self) -> str:
         return f"{type(self).__name__}(dataset={self.hparams.dataset!r}, source={self.hparams.source!r})"
@@ -161,9 +177,7 @@ class FlowDataModule(L.LightningDataModule):
                              f"{self.num_train_items} training items")
         self.cluster_ids = cluster_ids.long().cpu()
         # Called at every epoch start: swap the ids in the device tables, never re-upload the samples.
-        for (split, device), table in self._device_tables.items():
-            if split == "train":
-                table["cluster"] = self.cluster_ids.to(device)
+        self.replace_device_column("train", "cluster", self.cluster_ids)
 
     # ---- loaders ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -173,48 +187,32 @@ class FlowDataModule(L.LightningDataModule):
         if stage == "fit" and len(self.train_split["x"]) < hp.batch_size * rank_and_world(self.trainer)[1]:
             raise ValueError(f"batch_size={hp.batch_size} exceeds the {self.num_train_items} training samples")
 
-    def train_dataloader(self) -> IndexBatchLoader:
+    def train_sampler(self, num_items: int, rank: int, world_size: int) -> EpochPermutation:
         hp = self.hparams
-        rank, world_size = rank_and_world(self.trainer)
-        if hp.samples_per_cluster:
-            sampler = ClusterMateBatches(self.num_train_items, hp.batch_size, hp.samples_per_cluster,
-                                         lambda: self.cluster_ids, hp.seed, rank, world_size)
-        else:
-            sampler = EpochPermutation(self.num_train_items, hp.batch_size, shuffle=True, drop_last=True,
-                                       seed=hp.seed, rank=rank, world_size=world_size)
-        return IndexBatchLoader(sampler, source_draw(hp.source, tuple(self.sample_shape)))
+        if not hp.samples_per_cluster:
+            return super().train_sampler(num_items, rank, world_size)
+        return ClusterMateBatches(num_items, hp.batch_size, hp.samples_per_cluster, lambda: self.cluster_ids,
+                                  hp.seed, rank, world_size)
 
-    def _ordered_loader(self, num_items: int, draw: ItemDraw | None) -> IndexBatchLoader:
-        rank, world_size = rank_and_world(self.trainer)
-        sampler = EpochPermutation(num_items, self.hparams.eval_batch_size, shuffle=False, drop_last=False,
-                                   rank=rank, world_size=world_size)
-        return IndexBatchLoader(sampler, draw)
+    def train_dataloader(self) -> IndexBatchLoader:
+        return self.train_loader(self.num_train_items, training_draw(self.hparams.source, tuple(self.sample_shape)))
 
     def _eval_loader(self) -> IndexBatchLoader:
         hp = self.hparams
         draw = source_draw(hp.source, tuple(self.sample_shape), fixed_seed=hp.seed + EVAL_SEED_OFFSET)
-        return self._ordered_loader(len(self.eval_split["x"]), draw)
+        return self.eval_loader(len(self.eval_split["x"]), draw)
 
     val_dataloader = test_dataloader = predict_dataloader = _eval_loader
 
     def cluster_dataloader(self) -> IndexBatchLoader:
         """Every training item once, in order, sharded over ranks: what cluster features are computed on."""
-        return self._ordered_loader(self.num_train_items, None)
+        return self.eval_loader(self.num_train_items)
 
-    def _device_table(self, name: str, device: torch.device) -> dict[str, torch.Tensor]:
-        key = (name, device)
-        if key not in self._device_tables:
-            split = self.train_split if name == "train" else self.eval_split
-            table = {field: values.to(device) for field, values in split.items()}
-            if name == "train" and self.cluster_ids is not None:
-                table["cluster"] = self.cluster_ids.to(device)
-            self._device_tables[key] = table
-        return self._device_tables[key]
+    def host_tables(self, split: str) -> Tables:
+        if split == "eval":
+            return self.eval_split
+        return self.train_split | ({"cluster": self.cluster_ids} if self.cluster_ids is not None else {})
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Gather this batch's samples (and labels, cluster ids) from the tables on the batch's device."""
-        if "x" in batch:  # already materialized
-            return batch
-        stage = self.trainer.state.stage if self.trainer is not None else RunningStage.TRAINING
-        table = self._device_table("train" if stage == RunningStage.TRAINING else "eval", batch["index"].device)
-        return batch | {name: values[batch["index"]] for name, values in table.items()}
+    def gather(self, batch: dict, split: str) -> dict:
+        """This batch's samples (and labels, cluster ids) from the tables on the batch's device."""
+        return batch if "x" in batch else super().gather(batch, split)  # "x": already materialized

@@ -99,28 +99,64 @@ def neighbour_draw(neighbors: torch.Tensor) -> ItemDraw:
     return draw
 
 
+HostFields = Callable[[dict[str, torch.Tensor]], dict]
+
+
 class IndexBatchLoader:
-    """Iterable of per-rank batches ``{"index": LongTensor[b], ...}``.
+    """Iterable of per-rank batches ``{"index": LongTensor[b], ...}``, resumable mid-epoch.
 
-    ``sampler`` is an ``EpochPermutation`` or any object with its ``num_items``, ``generator()``,
-    ``set_epoch(epoch)``, ``rank_batches(generator)`` and ``len()`` (e.g. cluster-mate batches).
+    ``sampler`` is an ``EpochPermutation`` or any object with its ``num_items``, ``epoch``,
+    ``generator()``, ``set_epoch(epoch)``, ``rank_batches(generator)`` and ``len()`` (e.g.
+    cluster-mate batches).
 
-    ``draw`` adds per-item random choices (a neighbour, which views of a sentence to pair): drawn
-    for every item once per epoch, after the permutation and from the same generator, so they do
-    not depend on how the global batch is split over ranks.
+    ``draw`` adds per-item random choices (a neighbour, which views of a sentence to pair, a source
+    draw): drawn for every item once per epoch, after the permutation and from the same generator,
+    so item ``i``'s values depend on ``(seed, epoch, i)`` only, never on how the global batch is
+    split over ranks. This costs one table of ``N`` rows per epoch on every rank.
+
+    ``host_fields`` adds entries computed on the host from the batch's indices before the batch
+    is moved to the device (e.g. how many token columns the batch needs), so that the device
+    side never has to read a value back.
+
+    ``state_dict()`` holds the epoch and the number of batches already handed out; Lightning saves
+    it with every checkpoint and restores it on resume, and the next pass over that epoch then
+    skips the batches already trained on (issue 9, item 2).
     """
 
-    def __init__(self, sampler: EpochPermutation, draw: ItemDraw | None = None) -> None:
+    def __init__(self, sampler: EpochPermutation, draw: ItemDraw | None = None,
+                 host_fields: HostFields | None = None) -> None:
         self.sampler = sampler
         self.batch_sampler = None  # Lightning inspects a loader's samplers like a DataLoader's
-        self.draw = draw
+        self.draw, self.host_fields = draw, host_fields
+        self._yielded = 0
+        self._resume: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_yielded": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        missing = {"epoch", "batches_yielded"} - set(state_dict)
+        if missing:
+            raise KeyError(f"index batch loader state lacks {sorted(missing)} (found {sorted(state_dict)})")
+        self._resume = dict(state_dict)
+
+    def _start(self) -> int:
+        """Batches of this epoch to skip: those a restored state says were already handed out."""
+        resume, self._resume = self._resume, None
+        return resume["batches_yielded"] if resume is not None and resume["epoch"] == self.sampler.epoch else 0
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        start = self._start()
         generator = self.sampler.generator()
         batches = self.sampler.rank_batches(generator)
         drawn = self.draw(generator, self.sampler.num_items) if self.draw is not None else {}
-        for indices in batches:
-            yield {"index": indices} | {name: values[indices] for name, values in drawn.items()}
+        self._yielded = start
+        for indices in batches[start:]:
+            batch = {"index": indices} | {name: values[indices] for name, values in drawn.items()}
+            if self.host_fields is not None:
+                batch |= self.host_fields(batch)
+            self._yielded += 1
+            yield batch

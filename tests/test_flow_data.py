@@ -87,8 +87,10 @@ def materialized(data: FlowDataModule, batch: dict) -> dict:
 def test_batches_carry_index_source_draws_and_cluster_ids():
     data = FlowDataModule(dataset="moons", num_train=256, batch_size=64, source="8gaussians")
     batch = materialized(data, next(iter(data.train_dataloader())))
-    assert set(batch) == {"index", "x0", "x"} and batch["x0"].shape == (64, 2)
+    assert set(batch) == {"index", "x0", "t", "noise", "x"} and batch["x0"].shape == (64, 2)
     assert torch.equal(batch["x"], data.train_split["x"][batch["index"]])
+    assert batch["t"].shape == (64,) and batch["t"].dtype == torch.float32
+    assert (batch["t"] >= 0).all() and (batch["t"] < 1).all() and batch["noise"].shape == batch["x"].shape
     radius = batch["x0"].norm(dim=1)
     assert (radius > 1.0).all() and (radius < 3.0).all()  # eight Gaussians on the circle of radius 2
     data.set_cluster_assignments(torch.arange(256) % 7)

@@ -1,0 +1,111 @@
+"""Base of the datamodules whose items are rows of in-memory tensor tables, batched by index.
+
+Loaders hand out batches of dataset indices (``datamodules.index_batches``); the tables live on
+the host, are copied once to each device they are asked for, and ``on_after_batch_transfer``
+gathers the batch's rows there in one indexing operation. Subclasses say which tables a split
+has (``host_tables``) and, where a batch is more than rows of tables, how to gather it
+(``gather``). The base wires the samplers: shuffled full batches for training, contiguous
+shards for evaluation, both sharded over ranks (issue 9, item 2).
+
+Seeds: a datamodule's ``seed=None`` means the global seed set by ``seed_everything`` (Lightning
+keeps it in ``PL_GLOBAL_SEED``, also for the processes it launches), else 0, so one
+``seed_everything`` seeds the data too; an explicit ``seed`` wins (issue 9, item 7).
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import RunningStage
+
+from datamodules.index_batches import EpochPermutation, HostFields, IndexBatchLoader, ItemDraw, rank_and_world
+
+Tables = dict[str, torch.Tensor]
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed`` itself, else the global seed of ``seed_everything``, else 0."""
+    if seed is not None:
+        return seed
+    global_seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(global_seed) if global_seed is not None else 0
+
+
+class IndexTablesDataModule(L.LightningDataModule):
+    """Tables per split, cached per device; index loaders; the gather after the batch transfer.
+
+    Subclasses call ``save_hyperparameters`` with ``batch_size``, ``eval_batch_size`` and
+    ``seed`` among their arguments, then ``resolve_data_seed()``.
+    """
+
+    # Which split's tables a batch of each trainer stage is gathered from.
+    STAGE_SPLITS: dict[RunningStage, str] = {
+        RunningStage.TRAINING: "train",
+        RunningStage.SANITY_CHECKING: "eval",
+        RunningStage.VALIDATING: "eval",
+        RunningStage.TESTING: "eval",
+        RunningStage.PREDICTING: "eval",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._device_tables: dict[tuple[str, torch.device], Tables] = {}
+
+    def resolve_data_seed(self) -> None:
+        """Fix ``hparams.seed`` to the seed in force at construction, so it is logged and saved as used."""
+        self.hparams.seed = resolve_seed(self.hparams.seed)
+
+    # ---- what subclasses provide -----------------------------------------------------------
+    def host_tables(self, split: str) -> Tables:
+        """Host tensors of ``split``, each with one row per item of that split."""
+        raise NotImplementedError
+
+    def gather(self, batch: dict, split: str) -> dict:
+        """The batch with its items' rows of every table of ``split`` (subclasses gather more elaborately)."""
+        tables = self.device_tables(split, batch["index"].device)
+        return batch | {name: values[batch["index"]] for name, values in tables.items()}
+
+    # ---- device tables ---------------------------------------------------------------------
+    def device_tables(self, split: str, device: torch.device) -> Tables:
+        key = (split, device)
+        if key not in self._device_tables:
+            self._device_tables[key] = {name: values.to(device) for name, values in self.host_tables(split).items()}
+        return self._device_tables[key]
+
+    def replace_device_column(self, split: str, name: str, values: torch.Tensor) -> None:
+        """Swap one column of ``split``'s cached device tables, leaving the other columns where they are."""
+        for (cached_split, device), tables in self._device_tables.items():
+            if cached_split == split:
+                tables[name] = values.to(device)
+
+    def clear_device_tables(self) -> None:
+        self._device_tables.clear()
+
+    def current_split(self) -> str:
+        stage = self.trainer.state.stage if self.trainer is not None else RunningStage.TRAINING
+        return self.STAGE_SPLITS[stage]
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Gather the rows of this batch's indices from the tables on the batch's device."""
+        return self.gather(batch, self.current_split())
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def train_sampler(self, num_items: int, rank: int, world_size: int) -> EpochPermutation:
+        hp = self.hparams
+        return EpochPermutation(num_items, hp.batch_size, shuffle=True, drop_last=True, seed=hp.seed,
+                                rank=rank, world_size=world_size)
+
+    def train_loader(self, num_items: int, draw: ItemDraw | None = None,
+                     host_fields: HostFields | None = None) -> IndexBatchLoader:
+        """Shuffled full batches, a new order each epoch, resumable mid-epoch."""
+        return IndexBatchLoader(self.train_sampler(num_items, *rank_and_world(self.trainer)), draw, host_fields)
+
+    def eval_loader(self, num_items: int, draw: ItemDraw | None = None,
+                    host_fields: HostFields | None = None) -> IndexBatchLoader:
+        """Every item once, in order, in contiguous shards over ranks."""
+        rank, world_size = rank_and_world(self.trainer)
+        sampler = EpochPermutation(num_items, self.hparams.eval_batch_size, shuffle=False, drop_last=False,
+                                   seed=self.hparams.seed, rank=rank, world_size=world_size)
+        return IndexBatchLoader(sampler, draw, host_fields)
