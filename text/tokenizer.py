@@ -1,7 +1,9 @@
 """Byte-level BPE trained on the corpus (spec 004, "Tokenizer"), with the ``tokenizers`` library.
 
 The tokenizer is part of the model: its JSON travels in every checkpoint and is written next to
-the run, so evaluation and resumed runs read the ids the encoder was trained on.
+the run, so evaluation and resumed runs read the ids the encoder was trained on. ``<bos>`` and
+``<eos>`` frame the sentences a decoder learns to write (issue 9, item 4); the encoder reads
+sentences without them, so its ids are the same with or without a decoder.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2; BOS/EOS are reserved for the decoder phases
-PAD_ID = 0
+SPECIAL_TOKENS = (PAD, BOS, EOS)  # trained first, so they hold ids 0, 1, 2
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def train_bpe(sentences: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -36,23 +38,54 @@ def train_bpe(sentences: Iterable[str], vocab_size: int, min_frequency: int = 2)
     return tokenizer
 
 
-def encode(tokenizer: Tokenizer, sentences: Sequence[str], max_length: int) -> torch.Tensor:
-    """Ids ``[N, max_length]`` right-padded with ``PAD_ID``; a sentence longer than ``max_length``
-    tokens is an error, never a silent truncation that would change its meaning."""
-    encodings = tokenizer.encode_batch(list(sentences))
-    ids = torch.full((len(sentences), max_length), PAD_ID, dtype=torch.long)
+def _check_special_ids(tokenizer: Tokenizer) -> None:
+    found = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    if found != dict(zip(SPECIAL_TOKENS, (PAD_ID, BOS_ID, EOS_ID))):
+        raise ValueError(f"the tokenizer's special tokens have ids {found}; expected "
+                         f"{PAD}={PAD_ID}, {BOS}={BOS_ID}, {EOS}={EOS_ID} (train it with train_bpe)")
+
+
+def _encoder(tokenizer: Tokenizer, max_length: int, add_bos_eos: bool) -> Tokenizer:
+    """A copy of ``tokenizer`` that pads and truncates to ``max_length`` and, if asked, frames each
+    sentence as ``<bos> ... <eos>``; the trained tokenizer (saved in checkpoints) is left as it is."""
+    _check_special_ids(tokenizer)
+    encoder = Tokenizer.from_str(tokenizer.to_str())
+    if add_bos_eos:
+        encoder.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, BOS_ID), (EOS, EOS_ID)]
+        )
+    encoder.enable_padding(pad_id=PAD_ID, pad_token=PAD, length=max_length)
+    encoder.enable_truncation(max_length)
+    return encoder
+
+
+def encode(tokenizer: Tokenizer, sentences: Sequence[str], max_length: int, add_bos_eos: bool = False) -> torch.Tensor:
+    """Ids ``[N, max_length]`` right-padded with ``PAD_ID``, each sentence framed by ``BOS_ID`` and
+    ``EOS_ID`` when ``add_bos_eos`` (the decoder's targets). A sentence longer than ``max_length``
+    tokens (its specials included) is an error, never a silent truncation that would change its meaning."""
+    encodings = _encoder(tokenizer, max_length, add_bos_eos).encode_batch(list(sentences), add_special_tokens=add_bos_eos)
     for row, (sentence, encoding) in enumerate(zip(sentences, encodings)):
-        if len(encoding.ids) > max_length:
-            raise ValueError(
-                f"sentence {sentence!r} has {len(encoding.ids)} tokens, more than max_length={max_length}"
-            )
-        if not encoding.ids:
+        if encoding.overflowing:
+            length = len(tokenizer.encode(sentence, add_special_tokens=False).ids) + 2 * add_bos_eos
+            raise ValueError(f"sentence {sentence!r} has {length} tokens, more than max_length={max_length}")
+        if 0 not in encoding.special_tokens_mask:
             raise ValueError(f"sentence {row} is empty")
-        ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
-    return ids
+    return torch.tensor([encoding.ids for encoding in encodings], dtype=torch.long).view(len(encodings), max_length)
+
+
+def decode(tokenizer: Tokenizer, ids: torch.Tensor) -> list[str]:
+    """Sentences of ids ``[N, L]``: each row is read up to its first ``EOS_ID`` (what a decoder
+    generates after it is not part of the sentence), without ``BOS_ID`` and padding."""
+    rows = []
+    for row in ids.tolist():
+        rows.append(row[: row.index(EOS_ID)] if EOS_ID in row else row)
+    return [sentence.strip() for sentence in tokenizer.decode_batch(rows, skip_special_tokens=True)]
 
 
 def trim_padding(ids: torch.Tensor) -> torch.Tensor:
-    """Drop the trailing columns that are padding in every row (``[..., L]`` -> ``[..., L']``)."""
+    """Drop the trailing columns that are padding in every row (``[..., L]`` -> ``[..., L']``).
+
+    Reads the length back from ``ids``' device: meant for host tensors (whole tables at encoding
+    time), not for batches on an accelerator."""
     length = int((ids != PAD_ID).flatten(0, -2).sum(-1).max())
     return ids[..., :length]
