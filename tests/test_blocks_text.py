@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from tokenizers import Tokenizer
 
 from datamodules.blocks_text import BlocksTextDataModule, view_pair_draw
-from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode, train_bpe, trim_padding
 
 SMALL_DATA = {"num_train_scenes": 120, "views_per_scene": 4, "counterfactuals_per_scene": 16,
               "counterfactuals_per_anchor": 2, "vocab_size": 512,
@@ -30,6 +31,27 @@ def test_bpe_round_trip_and_length_error():
         encode(tokenizer, ["two red cubes are on a blue ball."], max_length=3)
     with pytest.raises(ValueError, match="vocab_size=100"):
         train_bpe(["a"], vocab_size=100)
+
+
+def test_bos_eos_frame_the_sentence_only_when_asked():
+    sentences = ["two red cubes are on a blue ball.", "a red cube."]
+    tokenizer = train_bpe(sentences * 20, vocab_size=300)
+    plain = encode(tokenizer, sentences, max_length=16)
+    framed = encode(tokenizer, sentences, max_length=16, add_bos_eos=True)
+    for row, sentence in enumerate(sentences):
+        tokens = tokenizer.encode(sentence).ids
+        assert plain[row].tolist() == tokens + [PAD_ID] * (16 - len(tokens))  # the encoder's ids, unchanged
+        assert framed[row].tolist() == [BOS_ID, *tokens, EOS_ID] + [PAD_ID] * (14 - len(tokens))
+    assert decode(tokenizer, framed) == decode(tokenizer, plain) == sentences
+    generated = framed.clone()
+    generated[1, framed[1].tolist().index(EOS_ID) + 1:] = plain[0, 1]  # what a decoder writes after EOS
+    assert decode(tokenizer, generated)[1] == sentences[1]
+    exact = len(tokenizer.encode(sentences[0]).ids)  # fits without the specials, not with them
+    assert encode(tokenizer, sentences[:1], max_length=exact).shape == (1, exact)
+    with pytest.raises(ValueError, match=f"has {exact + 2} tokens, more than max_length={exact}"):
+        encode(tokenizer, sentences[:1], max_length=exact, add_bos_eos=True)
+    with pytest.raises(ValueError, match="sentence 1 is empty"):
+        encode(tokenizer, ["a red cube.", ""], max_length=16, add_bos_eos=True)
 
 
 def test_trim_padding_keeps_the_longest_row():
@@ -65,6 +87,26 @@ def test_training_batches_hold_token_ids_of_the_drawn_views(datamodule):
     negatives = datamodule._tensors["train_counterfactuals"][drawn["index"][0], drawn["counterfactual"][0]]
     assert batch["counterfactual"].shape[:2] == (len(drawn["index"]), 2)
     assert torch.equal(batch["counterfactual"][0], negatives[:, : batch["counterfactual"].shape[-1]])
+
+
+def test_batches_are_cut_to_their_longest_sentence_on_the_host(datamodule):
+    """The widths read on the host give the batches trim_padding gave on the device, in training and evaluation."""
+    batch = next(iter(datamodule.train_dataloader()))
+    assert set(batch["width"]) == {"view_a", "view_b", "counterfactual"}
+    index = batch["index"]
+    views, counterfactuals = datamodule._tensors["train_views"], datamodule._tensors["train_counterfactuals"]
+    expected = {"view_a": trim_padding(views[index, batch["view_a"]]),
+                "view_b": trim_padding(views[index, batch["view_b"]]),
+                "counterfactual": trim_padding(counterfactuals[index[:, None], batch["counterfactual"]])}
+    batch = datamodule.on_after_batch_transfer(batch, 0)
+    assert "width" not in batch
+    for key, ids in expected.items():
+        assert torch.equal(batch[key], ids), key
+    assert datamodule.STAGE_SPLITS[RunningStage.VALIDATING] == "val"
+    batch = datamodule.gather(next(iter(datamodule.val_dataloader())), "val")
+    for key in ("sentence", "paraphrases", "counterfactuals"):
+        assert torch.equal(batch[key], trim_padding(datamodule._tensors[f"val_{key}"][:8])), key
+    assert torch.equal(batch["counterfactual_kind"], datamodule._tensors["val_counterfactual_kind"][:8])
 
 
 def test_epochs_are_reproducible_and_differ(datamodule):
