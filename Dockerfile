@@ -26,8 +26,7 @@ COPY cli.py ./
 RUN pip install torch==2.6.0 --index-url https://download.pytorch.org/whl/cu124 \
     && pip install . \
     && pip uninstall -y faiss-cpu \
-    && pip install "faiss-gpu-cu12>=1.8" \
-    && pip install --no-deps "torch-linear-assignment>=0.1"
+    && pip install "faiss-gpu-cu12>=1.8"
 
 ENTRYPOINT ["python", "cli.py"]
 CMD ["--help"]

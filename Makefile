@@ -13,8 +13,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# Hungarian matching for torchmetrics' ClusterAccuracy; its triton dependency is GPU-only.
-	$(PY) -m pip install -q --no-deps "torch-linear-assignment>=0.1"
 	touch $@
 
 demo: setup

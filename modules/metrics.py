@@ -7,13 +7,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.clustering import (
-    AdjustedMutualInfoScore,
-    AdjustedRandScore,
-    ClusterAccuracy,
-    NormalizedMutualInfoScore,
-)
+from torchmetrics.clustering import AdjustedMutualInfoScore, AdjustedRandScore, NormalizedMutualInfoScore
 from torchmetrics.functional.clustering import adjusted_rand_score, normalized_mutual_info_score
 from torchmetrics.retrieval import RetrievalHitRate
 from torchmetrics.functional.clustering.mutual_info_score import _mutual_info_score_compute, _mutual_info_score_update
@@ -22,13 +18,10 @@ from torchmetrics.utilities import dim_zero_cat
 
 
 def label_metrics(num_clusters: int, num_classes: int) -> MetricCollection:
-    """ACC (Hungarian matching), NMI, ARI and AMI of predicted clusters against labels.
-
-    ACC's confusion matrix is square, so it is sized for whichever of clusters and classes is larger.
-    """
+    """ACC (Hungarian matching), NMI, ARI and AMI of predicted clusters against labels."""
     return MetricCollection(
         {
-            "acc": ClusterAccuracy(num_classes=max(num_clusters, num_classes)),
+            "acc": HungarianAccuracy(num_clusters, num_classes),
             "nmi": NormalizedMutualInfoScore(average_method="arithmetic"),
             "ari": AdjustedRandScore(),
             "ami": FastAdjustedMutualInfoScore(average_method="arithmetic"),
@@ -41,6 +34,35 @@ def label_agreement(clusters: torch.Tensor, labels: torch.Tensor) -> dict[str, f
     ``label_metrics`` accumulates the same scores (and ACC, AMI) over batches and ranks."""
     return {"ari": float(adjusted_rand_score(clusters, labels)),
             "nmi": float(normalized_mutual_info_score(clusters, labels, average_method="arithmetic"))}
+
+
+class HungarianAccuracy(Metric):
+    """Clustering accuracy: the share of items whose cluster, mapped to a class by the one-to-one
+    matching of clusters to classes with the most items in agreement, is their label
+    (``max_m sum_k C[k, m(k)] / N`` over the contingency table ``C``; the Hungarian algorithm, here
+    scipy's ``linear_sum_assignment``). With more clusters than classes the extra clusters count as
+    wrong, as in torchmetrics' ``ClusterAccuracy`` on a square table, which this replaces without
+    its extra dependency. The table is the only state, summed over ranks.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_clusters: int, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_clusters, self.num_classes = num_clusters, num_classes
+        self.add_state("contingency", default=torch.zeros(num_clusters, num_classes, dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        # an index beyond the table is an IndexError here, and no host sync as a bound check would be
+        self.contingency.index_put_((preds.long(), target.long()), torch.ones_like(preds, dtype=torch.long),
+                                    accumulate=True)
+
+    def compute(self) -> torch.Tensor:
+        table = self.contingency.cpu().numpy()
+        clusters, classes = linear_sum_assignment(table, maximize=True)
+        accuracy = table[clusters, classes].sum() / max(table.sum(), 1)
+        return torch.tensor(accuracy, dtype=torch.float32, device=self.contingency.device)
 
 
 class ClusterOccupancy(Metric):

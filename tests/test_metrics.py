@@ -1,12 +1,19 @@
 """Clustering metrics: permutation invariance, agreement with scikit-learn, occupancy."""
 
+import itertools
 import math
 
 import pytest
 import torch
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 
-from modules.metrics import ClusterOccupancy, expected_mutual_information, label_agreement, label_metrics
+from modules.metrics import (
+    ClusterOccupancy,
+    HungarianAccuracy,
+    expected_mutual_information,
+    label_agreement,
+    label_metrics,
+)
 
 
 def test_a_permuted_labelling_scores_perfectly():
@@ -36,6 +43,47 @@ def test_cluster_accuracy_by_hand():
     # Clusters {0,0,1} vs classes {1,1,1}: the best matching maps cluster 0 -> class 1: 2 of 3 right.
     scores = label_metrics(num_clusters=2, num_classes=2)(torch.tensor([0, 0, 1]), torch.tensor([1, 1, 1]))
     assert scores["acc"].item() == pytest.approx(2 / 3)
+
+
+def test_hungarian_accuracy_by_hand_with_more_clusters_than_classes():
+    # contingency (clusters x classes): [[3, 1], [0, 2], [2, 0]]; the best one-to-one matching takes
+    # cluster 0 -> class 0 and cluster 1 -> class 1: 3 + 2 of 8 items; cluster 2 stays unmatched
+    preds = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    target = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0])
+    accuracy = HungarianAccuracy(num_clusters=3, num_classes=2)
+    accuracy.update(preds[:5], target[:5])
+    accuracy.update(preds[5:], target[5:])  # the table accumulates over batches
+    assert accuracy.contingency.tolist() == [[3, 1], [0, 2], [2, 0]]
+    assert accuracy.compute().item() == pytest.approx(5 / 8)
+
+
+def test_hungarian_accuracy_rejects_a_cluster_beyond_the_table():
+    with pytest.raises(IndexError, match="out of bounds"):
+        HungarianAccuracy(num_clusters=2, num_classes=2).update(torch.tensor([0, 3]), torch.tensor([1, 1]))
+
+
+@pytest.mark.parametrize("seed, n, clusters, classes, recorded", [
+    # recorded with torchmetrics' ClusterAccuracy (square table of max(clusters, classes)), which this replaces
+    (3, 300, 6, 4, 0.6066666841506958),
+    (4, 500, 5, 8, 0.33399999141693115),
+    (5, 400, 10, 10, 0.5950000286102295),
+])
+def test_hungarian_accuracy_equals_the_best_matching_and_the_recorded_values(seed, n, clusters, classes, recorded):
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, classes, (n,), generator=generator)
+    preds = torch.where(torch.rand(n, generator=generator) < 0.5, target % clusters,
+                        torch.randint(0, clusters, (n,), generator=generator))
+    accuracy = HungarianAccuracy(clusters, classes)(preds, target).item()
+    assert accuracy == pytest.approx(recorded, abs=1e-6)
+    if max(clusters, classes) <= 8:  # every one-to-one matching, by brute force
+        table = torch.zeros(clusters, classes)
+        table.index_put_((preds, target), torch.ones(n), accumulate=True)
+        size = max(clusters, classes)
+        square = torch.zeros(size, size)
+        square[:clusters, :classes] = table
+        best = max(square[torch.arange(size), torch.tensor(perm)].sum().item()
+                   for perm in itertools.permutations(range(size)))
+        assert accuracy == pytest.approx(best / n, abs=1e-6)
 
 
 def test_occupancy_counts_used_clusters_and_shares():
