@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/temi_speed.py --heads 16 --batch-size 256 --out temi_speed.json
+    python benchmarks/temi_speed.py --heads 16 --batch-size 256 --compile --out temi_speed_compiled.json
 
 What is measured: full training steps per second on scikit-learn's digits (1,797 x 64,
 10 classes, kNN pairs with k=50), on ``--threads`` CPU threads (``torch.set_num_threads``).
@@ -208,10 +209,10 @@ class StepTimer(L.Callback):
             self.steps_per_second = self.steps / (time.perf_counter() - self.start)
 
 
-def time_ours(num_heads: int, batch_size: int, warmup: int, steps: int) -> float:
+def time_ours(num_heads: int, batch_size: int, warmup: int, steps: int, compile: bool) -> float:
     data = EmbeddingsDataModule(knn=KNN, batch_size=batch_size)
     model = TEMIClustering(input_dim=data.input_dim, num_clusters=data.num_clusters, num_classes=data.num_classes,
-                           batch_size=batch_size, num_heads=num_heads, per_head_metrics=False)
+                           batch_size=batch_size, num_heads=num_heads, per_head_metrics=False, compile=compile)
     timer = StepTimer(warmup, steps)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
@@ -240,6 +241,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with model.compile: torch.compile of the heads (compilation falls in the warmup)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()
 
@@ -253,7 +256,7 @@ def main() -> None:
     for _ in range(args.repeats):
         if not args.skip_baseline:
             baseline.append(time_baseline(x, knn, args.heads, args.batch_size, args.warmup, args.steps))
-        ours.append(time_ours(args.heads, args.batch_size, args.warmup, args.steps))
+        ours.append(time_ours(args.heads, args.batch_size, args.warmup, args.steps, args.compile))
 
     result = {
         "steps_per_second": statistics.median(ours),
@@ -261,12 +264,13 @@ def main() -> None:
         "baseline_steps_per_second": statistics.median(baseline) if baseline else None,
         "baseline_steps_per_second_repeats": baseline,
         "speedup": statistics.median(ours) / statistics.median(baseline) if baseline else None,
-        "heads": args.heads, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+        "heads": args.heads, "batch_size": args.batch_size, "compile": args.compile, "steps": args.steps,
+        "warmup": args.warmup,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "data": f"sklearn digits, knn={KNN}",
         "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
         "machine": machine(),
     }
-    rows = [("ours (Lightning, TEMIClustering)", ours)]
+    rows = [(f"ours (Lightning, TEMIClustering{', compiled' if args.compile else ''})", ours)]
     if baseline:
         rows.insert(0, ("baseline (official-style loops)", baseline))
     print(f"\nTEMI, {args.heads} heads, batch {args.batch_size}, {result['threads']} threads, "

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import lightning as L
 import torch
 
-from modules.distributed import gather_rows
 from modules.flow_evaluation import quality_by_nfe
 from modules.losses.flow_matching import (
     cluster_mate_pairs,
@@ -39,14 +37,14 @@ from modules.losses.flow_matching import (
     mean_squared,
     perturbed_source,
 )
+from modules.method_base import MethodModule
 from modules.networks.velocity import build_velocity_network
 from modules.ode import integrate
-from modules.optim import decay_groups, warmup_cosine_scheduler
 
 LOCALITY_MODES = ("none", "random_perturbation", "cluster_neighborhood")
 
 
-class ClusterFlowMatching(L.LightningModule):
+class ClusterFlowMatching(MethodModule):
     """Flow matching from a source to data, with the spec's locality modes.
 
     Args:
@@ -54,11 +52,17 @@ class ClusterFlowMatching(L.LightningModule):
         network: ``"mlp"`` (``hidden_dim``, ``depth``) or ``"unet"`` (``channels`` per level).
         locality_mode: one of ``LOCALITY_MODES``; ``locality_weight`` is the spec's lambda.
         locality_noise_scale: the perturbation's scale in ``random_perturbation`` (spec: 0.1).
-        lr, weight_decay, warmup_steps, final_lr_factor: AdamW, linear warmup then cosine to
-            ``final_lr_factor * lr`` at the last step.
+        lr, betas, weight_decay, warmup_steps, min_lr_factor, compile, init_from, init_prefixes:
+            see ``modules.method_base``.
         eval_nfe, eval_solver: what validation integrates with; ``eval_max_points`` caps the held-out
             set scored (the exact W2 assignment grows cubically).
+
+    Training batches carry each item's flow time ``t`` and perturbation ``noise`` (drawn by the
+    datamodule, keyed by seed, epoch and dataset index), so DDP ranks draw different times for
+    their items and the draws do not depend on the number of ranks (issue 9, item 7).
     """
+
+    NETWORKS = ("velocity",)
 
     def __init__(
         self,
@@ -72,24 +76,27 @@ class ClusterFlowMatching(L.LightningModule):
         locality_weight: float = 1.0,
         locality_noise_scale: float = 0.1,
         lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
-        final_lr_factor: float = 0.1,
+        min_lr_factor: float = 0.1,
         eval_nfe: list[int] = (1, 2, 4, 8, 16),
         eval_solver: Literal["euler", "midpoint", "rk4"] = "euler",
         eval_max_points: int = 2000,
+        compile: bool = False,
+        init_from: str | None = None,
+        init_prefixes: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if locality_mode not in LOCALITY_MODES:
             raise ValueError(f"locality_mode must be one of {', '.join(LOCALITY_MODES)}; got {locality_mode!r}")
         self.velocity = build_velocity_network(network, list(sample_shape), hidden_dim, depth, list(channels), time_dim)
-        self._eval_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.load_initial_weights()
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0, x1 = batch["x0"], batch["x"]
-        t = torch.rand(len(x1), device=x1.device)
+        x0, x1, t = batch["x0"], batch["x"], batch["t"]
         target = flow_target(x0, x1)
         mode = self.hparams.locality_mode
         logs = {"training/locality_mode": float(LOCALITY_MODES.index(mode))}
@@ -114,7 +121,8 @@ class ClusterFlowMatching(L.LightningModule):
         """Start, end and validity of each sample's partner path."""
         x0, x1 = batch["x0"], batch["x"]
         if self.hparams.locality_mode == "random_perturbation":
-            return perturbed_source(x0, self.hparams.locality_noise_scale), x1, torch.ones_like(batch["index"], dtype=torch.bool)
+            partner_x0 = perturbed_source(x0, batch["noise"], self.hparams.locality_noise_scale)
+            return partner_x0, x1, torch.ones_like(batch["index"], dtype=torch.bool)
         if "cluster" not in batch:
             raise KeyError("locality_mode='cluster_neighborhood' needs cluster ids in the batch: add the "
                            "ClusterAssignment callback (precomputed assignments.csv or k-means at fit start)")
@@ -124,14 +132,6 @@ class ClusterFlowMatching(L.LightningModule):
                  "training/locality_valid_ratio": valid.float().mean(),
                  "training/locality_n_unique_clusters": (ordered[1:] != ordered[:-1]).sum().float() + 1}
         return x0, x1[partner], valid
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(decay_groups(self.velocity, hp.weight_decay), lr=hp.lr)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_cosine_scheduler(optimizer, min(hp.warmup_steps, total_steps // 2), total_steps,
-                                            hp.final_lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ---- features for the ClusterAssignment callback ---------------------------------------
     def cluster_features(self, batch: dict) -> torch.Tensor:
@@ -144,17 +144,8 @@ class ClusterFlowMatching(L.LightningModule):
         with torch.no_grad():
             return integrate(self.velocity, x0, nfe, solver)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_batches.append((batch["x0"], batch["x"]))
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_quality("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_batches.append((batch["x0"], batch["x"]))
-
-    def on_test_epoch_end(self) -> None:
-        self._log_quality("test")
+    def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"x0": batch["x0"], "reference": batch["x"]}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """A sample per held-out source draw at the largest ``eval_nfe``: ``predictions.csv`` holds the
@@ -163,12 +154,10 @@ class ClusterFlowMatching(L.LightningModule):
         samples = self.generate(batch["x0"], max(hp.eval_nfe), hp.eval_solver).flatten(1)
         return {"index": batch["index"]} | {f"x{d}": column for d, column in enumerate(samples.unbind(1))}
 
-    def _log_quality(self, prefix: str) -> None:
-        """Every rank gathers the whole held-out set and computes the same scores (no rank-0 branch)."""
-        x0 = gather_rows(self, torch.cat([b[0] for b in self._eval_batches]))
-        reference = gather_rows(self, torch.cat([b[1] for b in self._eval_batches]))
-        self._eval_batches.clear()
+    def evaluate(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
+        """Every rank holds the whole held-out set and computes the same scores (no rank-0 branch)."""
         hp = self.hparams
         limit = hp.eval_max_points
-        scores = quality_by_nfe(self.velocity, x0[:limit], reference[:limit], hp.eval_nfe, hp.eval_solver)
-        self.log_dict({f"{prefix}/{name}": value for name, value in scores.items()}, sync_dist=True)
+        scores = quality_by_nfe(self.velocity, outputs["x0"][:limit], outputs["reference"][:limit], hp.eval_nfe,
+                                hp.eval_solver)
+        self.log_dict({f"{split}/{name}": value for name, value in scores.items()}, sync_dist=True)

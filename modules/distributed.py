@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 
 def _single_process(module: L.LightningModule) -> bool:
@@ -31,3 +32,19 @@ def gather_rows(module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
     padded[: len(rows)] = rows
     gathered = module.all_gather(padded)  # [world, max_n, ...]
     return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
+
+
+def gather_outputs(module: L.LightningModule, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each name's rows of every batch of every rank, concatenated in rank order; ``{}`` when no rank
+    has any. Called on every rank, also on one whose shard was empty (``batches == []``): it learns
+    each name's trailing shape and dtype from the other ranks and takes part with no rows, where
+    ``torch.cat([])`` would fail and leave the other ranks waiting in the gather."""
+    local = {name: torch.cat([batch[name] for batch in batches]) for name in batches[0]} if batches else {}
+    if _single_process(module):
+        return local
+    layouts = [None] * module.trainer.world_size
+    dist.all_gather_object(layouts, {name: (rows.shape[1:], rows.dtype) for name, rows in local.items()})
+    layout = next((layout for layout in layouts if layout), {})
+    for name, (shape, dtype) in layout.items():
+        local.setdefault(name, torch.empty((0, *shape), dtype=dtype, device=module.device))
+    return {name: gather_rows(module, local[name]) for name in layout}

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from text.blocks import COUNTERFACTUAL_KINDS
 from text.tokenizer import PAD_ID
-from modules.distributed import gather_rows, gather_with_gradients
+from modules.distributed import gather_with_gradients
 from modules.latent_snapshot import LatentSnapshot
 from modules.losses.contrastive import info_nce, vicreg_regularizer
 from modules.losses.image_priors import (
@@ -37,18 +36,18 @@ from modules.losses.image_priors import (
     latent_statistics,
     text_variance_loss,
 )
+from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
 from modules.networks.text_encoder import TextTransformer
-from modules.optim import decay_groups, warmup_cosine_scheduler
 
 SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis": 0.05, "cov": 0.05,
                       "var": 0.05}
 MONTAGE_SIZE = 16
 
 
-class VisualLatentText(L.LightningModule):
+class VisualLatentText(MethodModule):
     """Encoder ``E: text -> V``, readout ``g: V -> z``, priors and contrast.
 
     Args:
@@ -67,10 +66,13 @@ class VisualLatentText(L.LightningModule):
         contrastive_weight: alpha of InfoNCE (0 in P1); temperature: tau (spec 0.07).
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
-        lr, betas, weight_decay, warmup_steps, min_lr_factor: AdamW and the cosine schedule.
         alpha_range: channels whose spectral slope lies here count as image-like.
-        init_from: a checkpoint (e.g. the end of P1) whose weights start this run.
+        lr, betas, weight_decay, warmup_steps, min_lr_factor, compile: see ``modules.method_base``.
+        init_from, init_prefixes: a checkpoint (e.g. the end of P1) whose weights, and tokenizer, start
+            this run (``modules.method_base.MethodModule.load_initial_weights``).
     """
+
+    NETWORKS = ("encoder", "readout")
 
     def __init__(
         self,
@@ -113,7 +115,9 @@ class VisualLatentText(L.LightningModule):
         warmup_steps: int = 1000,
         min_lr_factor: float = 0.0,
         alpha_range: tuple[float, float] = (1.5, 2.5),
+        compile: bool = False,
         init_from: str | None = None,
+        init_prefixes: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -126,28 +130,7 @@ class VisualLatentText(L.LightningModule):
         )
         self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels))
         self.latent_snapshot: LatentSnapshot | None = None
-        self._eval_outputs: list[dict[str, torch.Tensor]] = []
-        self._init_data_state: dict[str, dict] = {}
-        if init_from is not None:
-            self._load_weights(init_from)
-
-    def _load_weights(self, path: str) -> None:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if "state_dict" not in checkpoint:
-            raise ValueError(f"init_from={path} is not a Lightning checkpoint (no 'state_dict')")
-        try:
-            self.load_state_dict(checkpoint["state_dict"])
-        except RuntimeError as error:
-            raise ValueError(f"init_from={path} does not match this model's architecture: {error}") from error
-        # The weights read token ids of the checkpoint's tokenizer; ``setup`` hands it to the data.
-        self._init_data_state = {name: state for name, state in checkpoint.items()
-                                 if name.endswith("DataModule")}
-
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        state = self._init_data_state.get(type(datamodule).__name__)
-        if stage == "fit" and state is not None:
-            datamodule.load_state_dict(state)
+        self.load_initial_weights()
 
     # ---- the model -------------------------------------------------------------------------
     def latent(self, ids: torch.Tensor) -> torch.Tensor:
@@ -212,36 +195,21 @@ class VisualLatentText(L.LightningModule):
         return loss
 
     # ---- evaluation on held-out scenes -------------------------------------------------------
-    def _eval_step(self, batch: dict) -> None:
+    def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         sentence, paraphrases, counterfactuals = batch["sentence"], batch["paraphrases"], batch["counterfactuals"]
         b, p, k = len(sentence), paraphrases.shape[1], counterfactuals.shape[1]
         v_sentence, v_paraphrase, v_counterfactual = self._latents_of(
             sentence, paraphrases.flatten(0, 1), counterfactuals.flatten(0, 1)
         )
-        self._eval_outputs.append({
+        return {
             "v": v_sentence,
             "z": self.readout(v_sentence),
             "z_paraphrase": self.readout(v_paraphrase).view(b, p, -1),
             "z_counterfactual": self.readout(v_counterfactual).view(b, k, -1),
             "counterfactual_kind": batch["counterfactual_kind"],
-        })
+        }
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-    def _eval_epoch_end(self, split: str) -> None:
-        outputs = {key: gather_rows(self, torch.cat([o[key] for o in self._eval_outputs]))
-                   for key in ("v", "z", "z_paraphrase", "z_counterfactual", "counterfactual_kind")}
-        self._eval_outputs.clear()
+    def evaluate(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
         v = outputs["v"].float()
         stats = latent_statistics(v)
         low, high = self.hparams.alpha_range
@@ -260,14 +228,6 @@ class VisualLatentText(L.LightningModule):
         self.log_dict({f"{split}/{name}": torch.as_tensor(value, dtype=torch.float32)
                        for name, value in metrics.items()}, sync_dist=False)
         self.latent_snapshot = _snapshot(v, stats, outputs, self.current_epoch, self.global_step)
-
-    # ---- optimization ----------------------------------------------------------------------
-    def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(decay_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = warmup_cosine_scheduler(optimizer, min(hp.warmup_steps, total), total, hp.min_lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 def _checked_prior_weights(weights: dict[str, float] | None) -> dict[str, float]:

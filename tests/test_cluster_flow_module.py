@@ -124,3 +124,32 @@ def test_spec_sized_digits_config_runs_a_step(tmp_path):
                  "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
                  "false", "--model.init_args.eval_nfe", "[1, 2]")
     assert "k-means: 100 clusters of 1438 items" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("mode", ["none", "random_perturbation"])
+def test_training_step_reads_the_items_flow_times_and_noise(mode):
+    """The step uses ``batch["t"]`` and, for the perturbation, ``batch["noise"]`` (per-item draws of the data)."""
+    torch.manual_seed(0)
+    model, _ = toy(mode, locality_noise_scale=0.5)
+    x0, x1, t = torch.randn(6, 2), torch.randn(6, 2), torch.rand(6)
+    batch = {"x0": x0, "x": x1, "t": t, "noise": torch.zeros(6, 2), "index": torch.arange(6)}
+    loss = model.training_step(batch, 0)
+    with torch.no_grad():
+        expected = ((model.velocity((1 - t[:, None]) * x0 + t[:, None] * x1, t) - (x1 - x0)) ** 2).mean()
+    # zero noise: the partner path is the sample's own, so the locality term is exactly 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    if mode == "random_perturbation":
+        batch["noise"] = torch.ones(6, 2)
+        assert model.training_step(batch, 0).item() > loss.item()
+
+
+@pytest.mark.parametrize("mode", ["none", "cluster_neighborhood"])
+def test_bf16_mixed_fit_gives_finite_metrics(tmp_path, mode):
+    L.seed_everything(0)
+    model, data = toy(mode)
+    callbacks = [ClusterAssignment(num_clusters=8)] if mode == "cluster_neighborhood" else []
+    trainer = quiet_trainer(1, tmp_path, callbacks, limit_train_batches=3, limit_val_batches=1,
+                            precision="bf16-mixed")
+    trainer.fit(model, data)
+    for name in ("training/loss_epoch", "val/w2_nfe8", "val/mmd2_nfe8", "val/straightness"):
+        assert torch.isfinite(trainer.callback_metrics[name]), name

@@ -149,3 +149,14 @@ def test_two_process_evaluation_matches_one_process(tmp_path):
     two = json.loads((tmp_path / "two/metrics.json").read_text())["validate"]
     for name in ("val/r1", "val/r5", "val/cos_gap", "val/tv", "val/alpha_c0", "val/text_dependence"):
         assert two[name] == pytest.approx(one[name], abs=1e-5), name
+
+
+def test_bf16_mixed_fit_gives_finite_metrics(tmp_path):
+    L.seed_everything(0)
+    model, data = tiny()
+    trainer = quiet_trainer(1, tmp_path, enable_checkpointing=False, limit_train_batches=3, limit_val_batches=1,
+                            precision="bf16-mixed")
+    trainer.fit(model, data)
+    metrics = trainer.callback_metrics
+    for name in ("train/loss_epoch", "train/info_nce", "val/r1", "val/tv", "val/cos_gap", "val/alpha_c0"):
+        assert torch.isfinite(metrics[name]), name

@@ -56,15 +56,21 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def locality_loss(velocity: torch.Tensor, partner_velocity: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Spec 000: ``mean over valid pairs of ||v(u_t, t) - v(s_t, t)||^2 / D``; 0 without a valid pair.
 
-    Rows are selected before the difference, so masked pairs send back no gradient (not even a
-    NaN, which a product with the mask would pass on).
+    Masked pairs' differences are replaced by 0 with ``torch.where`` (no boolean indexing, which
+    would read the number of valid pairs on the host), so they send back no gradient, not even a
+    NaN, which a product with the mask would pass on.
     """
-    return mean_squared(velocity[valid], partner_velocity[valid]).sum() / valid.sum().clamp_min(1)
+    rows = valid.view(-1, *([1] * (velocity.dim() - 1)))
+    difference = torch.where(rows, velocity - partner_velocity, 0.0)
+    return difference.pow(2).flatten(1).mean(dim=1).sum() / valid.sum().clamp_min(1)
 
 
-def perturbed_source(x0: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x0 + scale * noise``, the random-perturbation partner's start (spec 000, mode 1; scale 0.1)."""
-    return x0 + scale * torch.randn_like(x0)
+def perturbed_source(x0: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x0 + scale * noise``, the random-perturbation partner's start (spec 000, mode 1; scale 0.1);
+    ``noise ~ N(0, I)`` is the item's own draw (``batch["noise"]``)."""
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    return x0 + scale * noise
 
 
 def cluster_mate_pairs(cluster_ids: torch.Tensor, item_ids: torch.Tensor | None = None,

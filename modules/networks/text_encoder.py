@@ -16,6 +16,7 @@ from torch import nn
 
 ROTARY_BASE = 10_000.0  # RoFormer's frequency base
 EMBEDDING_INIT_STD = 0.02  # BERT/GPT; keeps token and learned position embeddings on one scale
+EMPTY_ROW_MESSAGE = "mask has a row with no real token (all False)"
 
 
 def rotary_tables(length: int, head_dim: int, base: float = ROTARY_BASE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,15 +100,19 @@ class EncoderBlock(nn.Module):
 def check_token_batch(ids_or_states: torch.Tensor, mask: torch.Tensor, name: str) -> None:
     """ValueError unless ``mask`` is a boolean ``[B, L]`` matching ``name`` and every row has a real token.
 
-    A row with no real token would attend to nothing and turn into NaNs.
+    A row with no real token would attend to nothing and turn into NaNs. Reading that on the host
+    would stall an accelerator every forward, so there the check is a device-side assertion.
     """
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True = real token), got dtype {mask.dtype}")
     if mask.shape != ids_or_states.shape[:2]:
         raise ValueError(f"mask must have shape [B, L] = {tuple(ids_or_states.shape[:2])} to match {name}, "
                          f"got {tuple(mask.shape)}")
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("mask has a row with no real token (all False)")
+    every_row_has_a_token = mask.any(dim=1).all()
+    if mask.device.type != "cpu":
+        torch._assert_async(every_row_has_a_token, EMPTY_ROW_MESSAGE)
+    elif not every_row_has_a_token:
+        raise ValueError(EMPTY_ROW_MESSAGE)
 
 
 class TextTransformer(nn.Module):

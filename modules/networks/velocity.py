@@ -17,12 +17,21 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"time embedding size must be even, got {dim}")
-        self.register_buffer("frequencies", torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2)))
+        self.dim = dim
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        angles = 1000 * t.float().unsqueeze(1) * self.frequencies
-        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))
+        # The angles reach 1000 rad: computed in fp32 whatever the module's dtype (a bf16 table
+        # would be off by radians), then cast to the MLP's dtype (bf16 under ``bf16-true``).
+        half = self.dim // 2
+        frequencies = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = 1000 * t.float().unsqueeze(1) * frequencies
+        features = torch.cat([angles.sin(), angles.cos()], dim=1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        state_dict.pop(prefix + "frequencies", None)  # earlier checkpoints stored the constant table
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _check_input(x: torch.Tensor, t: torch.Tensor, sample_shape: tuple[int, ...]) -> None:
