@@ -2,15 +2,16 @@
 
 Data that fits in memory (precomputed embeddings) needs no per-item ``Dataset`` work: each
 batch is one slice of a permutation, and the rows are gathered on the device in one indexing
-operation (see ``EmbeddingsDataModule.on_after_batch_transfer``).
+operation (``datamodules.index_tables``).
 
 Determinism is what makes resume and multi-GPU runs exact. The permutation and every random
 draw of an epoch come from a generator seeded by ``(seed, epoch)`` alone, so a resumed run
 sees the same batches, and the global batch ``i`` is the same whatever the world size: rank
 ``r`` of ``W`` takes the ``r``-th contiguous part of it.
 
-Lightning passes arbitrary iterables through untouched (no sampler injection), and calls
-``set_epoch`` on ``loader.sampler`` at every epoch start.
+Lightning passes arbitrary iterables through untouched (no sampler injection), calls
+``set_epoch`` on ``loader.sampler`` at every epoch start, and saves and restores the state of a
+training iterable that has ``state_dict``/``load_state_dict`` with the fit loop's checkpoint.
 """
 
 from __future__ import annotations
