@@ -104,16 +104,22 @@ class FlowProbe(TinyModule):
         self.log("val/loss", self.layer(batch["x"]).pow(2).mean())
 
 
-def test_a_fit_stopped_mid_epoch_resumes_exactly(tmp_path):
+# Checkpoints written every 13 steps, or at every validation (every 3 of the 10 batches of an epoch).
+CHECKPOINT_EVERY = {"steps": ({"every_n_train_steps": 13}, {}), "validation": ({}, {"val_check_interval": 0.3})}
+
+
+@pytest.mark.parametrize("every", CHECKPOINT_EVERY)
+def test_a_fit_stopped_mid_epoch_resumes_exactly(tmp_path, every):
     """Checkpoint at step 13 (epoch 1, batch 3 of 10), stopped, resumed == 3 epochs straight (weights
     within 1e-5); the same resume without the loader's state does not match."""
+    checkpoint_args, trainer_args = CHECKPOINT_EVERY[every]
 
     def run(root, callbacks=(), ckpt_path=None):
         L.seed_everything(0)
         data = FlowDataModule(dataset="moons", num_train=320, num_eval=64, batch_size=32)
         model = FlowProbe()
-        checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=13, save_last=True)
-        trainer = quiet_trainer(3, root, [checkpoint, RandomState(), *callbacks])
+        checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, **checkpoint_args)
+        trainer = quiet_trainer(3, root, [checkpoint, RandomState(), *callbacks], **trainer_args)
         trainer.fit(model, data, ckpt_path=ckpt_path)
         return model, trainer
 
