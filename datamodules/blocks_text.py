@@ -17,16 +17,17 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 
-from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
-from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
 from datamodules.index_batches import IndexBatchLoader, ItemDraw
 from datamodules.index_tables import IndexTablesDataModule
+from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
+from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
 
 EVAL_ID_KEYS = ("sentence", "paraphrases", "counterfactuals")
 
@@ -195,8 +196,10 @@ class BlocksTextDataModule(IndexTablesDataModule):
         return [item["sentence"] for item in self.eval_pack["val"][:16]]
 
     # ---- loaders ---------------------------------------------------------------------------
-    STAGE_SPLITS = {RunningStage.TRAINING: "train", RunningStage.SANITY_CHECKING: "val",
-                    RunningStage.VALIDATING: "val", RunningStage.TESTING: "test", RunningStage.PREDICTING: "test"}
+    STAGE_SPLITS: ClassVar[dict[RunningStage, str]] = {
+        RunningStage.TRAINING: "train", RunningStage.SANITY_CHECKING: "val", RunningStage.VALIDATING: "val",
+        RunningStage.TESTING: "test", RunningStage.PREDICTING: "test",
+    }
 
     def train_dataloader(self) -> IndexBatchLoader:
         views = self._tensors["train_views"]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
+from clustering.knn import check_k, cosine_knn
 from datamodules.arrays import (
     archive_keys,
     as_embeddings,
@@ -34,7 +35,6 @@ from datamodules.arrays import (
 )
 from datamodules.index_batches import IndexBatchLoader, neighbour_draw
 from datamodules.index_tables import IndexTablesDataModule, Tables
-from clustering.knn import check_k, cosine_knn
 
 Split = Literal["train", "test"]
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+
 def rank_and_world(trainer) -> tuple[int, int]:
     """This process's rank and the number of processes; ``(0, 1)`` outside a trainer."""
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

@@ -15,6 +15,7 @@ keeps it in ``PL_GLOBAL_SEED``, also for the processes it launches), else 0, so 
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -41,7 +42,7 @@ class IndexTablesDataModule(L.LightningDataModule):
     """
 
     # Which split's tables a batch of each trainer stage is gathered from.
-    STAGE_SPLITS: dict[RunningStage, str] = {
+    STAGE_SPLITS: ClassVar[dict[RunningStage, str]] = {
         RunningStage.TRAINING: "train",
         RunningStage.SANITY_CHECKING: "eval",
         RunningStage.VALIDATING: "eval",

@@ -1,13 +1,12 @@
 """Embedding files, the TEMI folder layout, kNN caching, clear errors, and index batches."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from datamodules.embeddings import EmbeddingsDataModule
 from datamodules.arrays import save_temi_folder
+from datamodules.embeddings import EmbeddingsDataModule
 from datamodules.index_batches import EpochPermutation, IndexBatchLoader, neighbour_draw
 from tests.conftest import blob_data
 
