@@ -1,9 +1,13 @@
 """k-means with faiss, and the ``assignments.csv`` file that records which cluster each sample is in.
 
 ``kmeans`` clusters ``[N, D]`` features with ``faiss.Kmeans`` (on the GPU when faiss and torch
-both have one) and assigns every point to its nearest centroid. Clusters left with no points in
-that final assignment are dropped and the rest renumbered ``0..K'-1`` in order (see
-``drop_empty_clusters``), so every cluster id that appears in a result has members.
+both have one) and assigns every point to its nearest centroid (``nearest_centroids``). Clusters
+left with no points in that final assignment are dropped and the rest renumbered ``0..K'-1`` in
+order (see ``drop_empty_clusters``), so every cluster id that appears in a result has members.
+
+faiss trains on at most ``max_points_per_centroid * K`` points, drawn by its own seeded
+permutation; ``kmeans_sample`` names those points, so a caller that holds the features spread
+over several processes can gather just them and get the centroids k-means on all points gives.
 
 ``assignments.csv`` holds one row per training sample::
 
@@ -35,6 +39,7 @@ except ImportError:  # pragma: no cover - faiss is a declared dependency
 
 ASSIGNMENTS_FILE = "assignments.csv"
 ASSIGNMENTS_HEADER = ["index", "cluster"]
+MAX_POINTS_PER_CENTROID = 256  # faiss's ClusteringParameters default
 
 
 @dataclass
@@ -103,6 +108,47 @@ def drop_empty_clusters(
     return centroids[kept], new_ids[assignments], int((~kept).sum())
 
 
+def kmeans_sample(num_items: int, num_clusters: int, max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
+                  seed: int = 0) -> torch.Tensor:
+    """Indices of the points faiss k-means trains on, in the order it sees them.
+
+    All points in order when ``num_items <= max_points_per_centroid * num_clusters``, else the first
+    that many of faiss's permutation seeded with ``seed`` (faiss ``Clustering::train`` subsamples so):
+    ``kmeans(features[sample], ...)`` then gives the centroids of ``kmeans(features, ...)``, and the
+    sample depends on the number of items and the seed alone.
+    """
+    if max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
+    cap = max_points_per_centroid * num_clusters
+    if num_items <= cap:
+        return torch.arange(num_items)
+    permutation = np.empty(num_items, dtype=np.int32)  # faiss's rand_perm fills C ints
+    faiss.rand_perm(faiss.swig_ptr(permutation), num_items, seed)
+    return torch.from_numpy(permutation[:cap].astype(np.int64))
+
+
+def nearest_centroids(features: torch.Tensor, centroids: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """Position ``[N]`` int64 of each row's nearest centroid (squared Euclidean distance).
+
+    Distances are computed in float64, a chunk of rows at a time (at most ``max_elements`` distances
+    held), on the features' device. Their rounding lies far below float32 resolution, so shards of
+    a dataset assigned on different processes agree with the whole assigned at once (faiss's float32
+    search can flip near-ties with the batch it runs in).
+    """
+    if features.dim() != 2 or centroids.dim() != 2 or features.shape[1] != centroids.shape[1]:
+        raise ValueError(f"nearest centroids need features [N, D] and centroids [K, D], got "
+                         f"{tuple(features.shape)} and {tuple(centroids.shape)}")
+    centroids = centroids.to(features.device, torch.float64)
+    centroid_norms = (centroids * centroids).sum(1)
+    chunk = max(1, max_elements // max(1, len(centroids)))
+    nearest = []
+    for rows in features.split(chunk):
+        rows = rows.double()
+        distances = centroid_norms - 2 * rows @ centroids.T  # ||x||^2 is the same for every centroid
+        nearest.append(distances.argmin(dim=1))
+    return torch.cat(nearest) if nearest else torch.zeros(0, dtype=torch.long, device=features.device)
+
+
 def kmeans(
     features: torch.Tensor,
     num_clusters: int,
@@ -110,13 +156,15 @@ def kmeans(
     niter: int = 25,
     nredo: int = 1,
     gpu: bool | str = "auto",
+    max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
 ) -> KMeansResult:
     """Cluster ``features [N, D]`` into at most ``num_clusters`` groups with ``faiss.Kmeans``.
 
     Each point is assigned to its nearest centroid. Clusters that end up empty (duplicate
     points can cause this) are dropped with a warning and the rest renumbered, so the result
     may hold fewer than ``num_clusters`` centroids; ``dropped_empty`` says how many went.
-    On the CPU the result is the same for the same ``seed``.
+    On the CPU the result is the same for the same ``seed``. Beyond ``max_points_per_centroid``
+    points per cluster faiss trains on the subset ``kmeans_sample`` names; all points are assigned.
     gpu: ``True``, ``False`` or ``"auto"`` (GPU when torch sees CUDA and faiss has GPU support).
     """
     if faiss is None:  # pragma: no cover - faiss is a declared dependency
@@ -127,12 +175,12 @@ def kmeans(
     # One GPU, not faiss's ``True`` (every visible GPU): under DDP the others belong to other ranks.
     gpus = 1 if _use_gpu(gpu) else False
     clusterer = faiss.Kmeans(
-        data.shape[1], num_clusters, niter=niter, nredo=nredo, seed=seed, verbose=False, gpu=gpus
+        data.shape[1], num_clusters, niter=niter, nredo=nredo, seed=seed, verbose=False, gpu=gpus,
+        max_points_per_centroid=max_points_per_centroid,
     )
     clusterer.train(data)
-    _, nearest = clusterer.index.search(data, 1)
     centroids = torch.from_numpy(np.array(clusterer.centroids, dtype=np.float32))
-    assignments = torch.from_numpy(nearest.reshape(-1).astype(np.int64))
+    assignments = nearest_centroids(features, centroids)
     centroids, assignments, dropped = drop_empty_clusters(centroids, assignments)
     if dropped:
         warnings.warn(

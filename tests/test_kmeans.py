@@ -11,6 +11,8 @@ from clustering.kmeans import (
     check_num_clusters,
     drop_empty_clusters,
     kmeans,
+    kmeans_sample,
+    nearest_centroids,
     read_assignments,
     write_assignments,
 )
@@ -64,6 +66,28 @@ def test_same_seed_same_result_on_cpu():
     assert torch.equal(first.assignments, second.assignments)
     assert first.inertia == second.inertia
     assert not torch.equal(first.centroids, other.centroids)
+
+
+def test_kmeans_on_its_sample_equals_kmeans_on_all_points():
+    points = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0))
+    sample = kmeans_sample(1000, 4, max_points_per_centroid=50, seed=7)
+    assert len(sample) == 200 and len(sample.unique()) == 200 and not torch.equal(sample, sample.sort().values)
+    whole = kmeans(points, 4, seed=7, max_points_per_centroid=50, gpu=False)  # faiss subsamples 200 itself
+    part = kmeans(points[sample], 4, seed=7, max_points_per_centroid=50, gpu=False)
+    assert torch.equal(whole.centroids, part.centroids)
+    assert not torch.equal(whole.centroids, kmeans(points[sample.sort().values], 4, seed=7, gpu=False).centroids)
+    assert torch.equal(kmeans_sample(200, 4, max_points_per_centroid=50, seed=7), torch.arange(200))  # all fit
+    with pytest.raises(ValueError, match="max_points_per_centroid must be >= 1, got 0"):
+        kmeans_sample(10, 2, max_points_per_centroid=0)
+
+
+def test_nearest_centroids_by_hand_in_any_chunking():
+    centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.tensor([[1.0, 0.0], [6.0, 0.0], [3.0, 6.0], [11.0, 1.0], [2.0, 7.0]])
+    assert nearest_centroids(points, centroids).tolist() == [0, 1, 2, 1, 2]
+    assert nearest_centroids(points, centroids, max_elements=3).tolist() == [0, 1, 2, 1, 2]  # a row per chunk
+    with pytest.raises(ValueError, match=r"features \[N, D\] and centroids \[K, D\], got \(5, 2\) and \(3, 3\)"):
+        nearest_centroids(points, torch.zeros(3, 3))
 
 
 def test_more_clusters_than_points_is_refused():
