@@ -2,18 +2,26 @@
 
 Either the assignments are read once from ``assignments.csv`` (written by
 ``python -m tools.encode_and_cluster``), or k-means runs at fit start (and, with
-``every_n_epochs``, again every that many epochs) on features the module computes:
+``every_n_epochs``, again every that many epochs) on features the module computes: the k-means
+rule of ``clustering.prototypes.PrototypeMemory`` over the whole training set (issue 9, item 3):
 
-1. every rank computes features of its shard of the training set, with the dataset indices;
-2. all ranks gather features and indices (``all_gather`` on every rank), the repeats a
-   distributed sampler pads its shards with are dropped, and rows are put in index order, so the
-   result does not depend on the number of ranks;
-3. rank 0 alone runs faiss k-means (on GPU when faiss has one), and the centroids and assignments
-   are broadcast to every rank.
+1. every rank computes features of its shard of the training set, with the dataset indices
+   (``callbacks.prototype_refresh.feature_pass``: no gradients, eval mode, the precision context);
+2. the items faiss trains on (at most ``max_points_per_centroid * K``, drawn from the dataset
+   indices and the seed alone) are gathered to rank 0, which runs faiss k-means (on GPU when
+   faiss has one); the centroids are broadcast into a ``PrototypeMemory``;
+3. every rank assigns its own shard to the nearest centroid, and only the int64 ids are gathered
+   (the repeats a distributed sampler pads its shards with dropped, rows in index order).
 
-The assignments and centroids live in this callback's checkpoint state, so a resumed run keeps
-the clusters it trained with. They are handed to the datamodule at every epoch start, before
-the epoch's batches are drawn.
+Memory per rank: its shard's features, ``K x D`` centroids and ``N`` ids; rank 0 also holds the
+sample. Neither the sample, the centroids nor the ids depend on the number of ranks, and with
+``N <= max_points_per_centroid * K`` the sample is the whole training set.
+
+The centroids are a ``PrototypeMemory`` a loss can read: the module's own, when
+``prototypes_attr`` names one (it is then in the module's checkpoint), else the callback's.
+The assignments (and the callback's memory) live in this callback's checkpoint state, so a
+resumed run keeps the clusters it trained with. They are handed to the datamodule at every
+epoch start, before the epoch's batches are drawn.
 
 What the pair must provide: the datamodule ``num_train_items``, ``cluster_dataloader()``
 (batches with ``index``, covering every training item) and ``set_cluster_assignments(ids)``;
@@ -31,16 +39,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from clustering.kmeans import check_num_clusters, kmeans, read_assignments
+from callbacks.prototype_refresh import feature_pass, memory_of
+from clustering.kmeans import MAX_POINTS_PER_CENTROID, check_num_clusters, read_assignments
+from clustering.prototypes import PrototypeMemory, first_of_each_index, resolve_seed
 from modules.distributed import gather_rows
 
-
-def first_of_each_index(indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows in increasing index order, each index once (a padded sampler repeats some items)."""
-    unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
-    first = torch.full((len(unique),), len(indices), dtype=torch.long, device=indices.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(indices), device=indices.device), reduce="amin")
-    return unique, rows[first]
+__all__ = ["ClusterAssignment", "check_same_training_set", "first_of_each_index"]
 
 
 def check_same_training_set(assignments_path: str, fingerprint: str | None) -> None:
@@ -63,17 +67,22 @@ class ClusterAssignment(Callback):
         assignments: ``assignments.csv`` (or the folder holding it); when given, no k-means runs.
         num_clusters: k of the k-means run (required without ``assignments``).
         every_n_epochs: recompute every this many epochs (0: once, at fit start).
-        seed, niter: of faiss k-means.
+        seed, niter, max_points_per_centroid: of faiss k-means; ``seed=None`` takes the global
+            seed of ``seed_everything`` (else 0).
+        prototypes_attr: the module attribute holding the ``PrototypeMemory`` (``num_clusters``
+            rows) the centroids go to; default a memory of the callback's own.
     """
 
     def __init__(self, assignments: str | None = None, num_clusters: int | None = None, every_n_epochs: int = 0,
-                 seed: int = 0, niter: int = 25) -> None:
+                 seed: int | None = None, niter: int = 25, max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
+                 prototypes_attr: str | None = None) -> None:
         if assignments is None and num_clusters is None:
             raise ValueError("ClusterAssignment needs assignments= (a precomputed assignments.csv) or num_clusters=")
         self.assignments_path = assignments
         self.num_clusters, self.every_n_epochs, self.seed, self.niter = num_clusters, every_n_epochs, seed, niter
+        self.max_points_per_centroid, self.prototypes_attr = max_points_per_centroid, prototypes_attr
         self.assignments: torch.Tensor | None = None
-        self.centroids: torch.Tensor | None = None
+        self.prototypes: PrototypeMemory | None = None  # the callback's own, without prototypes_attr
         self.computed_at_epoch = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -86,8 +95,13 @@ class ClusterAssignment(Callback):
         if self.assignments_path is not None:
             self.assignments = read_assignments(self.assignments_path, num_items=num_items)
             check_same_training_set(self.assignments_path, getattr(trainer.datamodule, "train_fingerprint", None))
-        else:
-            check_num_clusters(self.num_clusters, num_items, what="training items")
+            return
+        check_num_clusters(self.num_clusters, num_items, what="training items")
+        if self.prototypes_attr is not None:
+            rows = memory_of(pl_module, self.prototypes_attr).num_prototypes
+            if rows != self.num_clusters:
+                raise ValueError(f"{type(pl_module).__name__}.{self.prototypes_attr} holds {rows} prototypes; "
+                                 f"ClusterAssignment makes num_clusters={self.num_clusters}")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -98,37 +112,45 @@ class ClusterAssignment(Callback):
         trainer.datamodule.set_cluster_assignments(self.assignments)
         pl_module.log("cluster/num_nonempty", float(self.assignments.unique().numel()), sync_dist=True)
 
-    @torch.no_grad()
     def _run_kmeans(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        indices, features = self._features(trainer, pl_module)
-        indices, features = gather_rows(pl_module, indices), gather_rows(pl_module, features)
-        indices, features = first_of_each_index(indices, features)
-        if len(indices) != trainer.datamodule.num_train_items:
+        num_items = trainer.datamodule.num_train_items
+        with feature_pass(trainer, pl_module):
+            indices, features = self._features(trainer, pl_module)
+            memory = self._memory(pl_module, features.shape[1])
+            memory.refresh_kmeans(features, indices, num_items, seed=resolve_seed(self.seed), niter=self.niter,
+                                  max_points_per_centroid=self.max_points_per_centroid)
+            clusters = memory.nearest(features)
+        indices, clusters = first_of_each_index(gather_rows(pl_module, indices), gather_rows(pl_module, clusters))
+        if len(indices) != num_items:
             raise RuntimeError(f"features of {len(indices)} items were computed; the training set has "
-                               f"{trainer.datamodule.num_train_items} (cluster_dataloader must cover every item)")
-        result = None
-        if trainer.is_global_zero:
-            fit = kmeans(features.float().cpu(), self.num_clusters, seed=self.seed, niter=self.niter)
-            result = (fit.assignments, fit.centroids)
-            rank_zero_info(f"k-means: {len(fit.centroids)} clusters of {len(indices)} items, inertia {fit.inertia:.4g}")
-        self.assignments, self.centroids = trainer.strategy.broadcast(result, src=0)
+                               f"{num_items} (cluster_dataloader must cover every item)")
+        self.assignments = clusters.cpu()
+        rank_zero_info(f"k-means: {int((memory.counts > 0).sum())} clusters of {num_items} items, fitted on "
+                       f"{int(memory.counts.sum())} of them")
+
+    def _memory(self, pl_module: L.LightningModule, dim: int) -> PrototypeMemory:
+        if self.prototypes_attr is not None:
+            return memory_of(pl_module, self.prototypes_attr)
+        if self.prototypes is None or self.prototypes.dim != dim:
+            self.prototypes = PrototypeMemory(self.num_clusters, dim)
+        return self.prototypes.to(pl_module.device)
 
     @staticmethod
     def _features(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
-        was_training = pl_module.training
-        pl_module.eval()
         indices, features = [], []
         for batch in trainer.datamodule.cluster_dataloader():
             batch = trainer.strategy.batch_to_device(batch)
             indices.append(batch["index"])
             features.append(pl_module.cluster_features(batch).flatten(1))
-        pl_module.train(was_training)
         return torch.cat(indices), torch.cat(features)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"assignments": self.assignments, "centroids": self.centroids, "computed_at_epoch": self.computed_at_epoch}
+        prototypes = None if self.prototypes is None else self.prototypes.state_dict()
+        return {"assignments": self.assignments, "prototypes": prototypes, "computed_at_epoch": self.computed_at_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.assignments, self.centroids = state_dict["assignments"], state_dict["centroids"]
-        self.computed_at_epoch = state_dict["computed_at_epoch"]
-
+        self.assignments, self.computed_at_epoch = state_dict["assignments"], state_dict["computed_at_epoch"]
+        saved = state_dict.get("prototypes")
+        if saved is not None:
+            self.prototypes = PrototypeMemory(*saved["prototypes"].shape)
+            self.prototypes.load_state_dict(saved)

@@ -2,17 +2,19 @@
 
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.cluster_assignment import ClusterAssignment, first_of_each_index
-from tools.encode_and_cluster import encode_and_cluster
+from clustering.kmeans import kmeans, kmeans_sample, read_assignments, write_assignments
+from clustering.prototypes import PrototypeMemory
 from datamodules.flow_data import FlowDataModule
-from clustering.kmeans import kmeans, read_assignments, write_assignments
 from tests.conftest import quiet_trainer
 from tests.test_cli import cli
 from tests.test_cluster_flow_module import toy as flow_toy
+from tools.encode_and_cluster import encode_and_cluster
 
 # the module tests' tiny flow on 240 toy points in batches of 24, plain batches unless asked
 toy = partial(flow_toy, num_train=240, batch_size=24, samples_per_cluster=0, source="gaussian")
@@ -41,6 +43,24 @@ def test_kmeans_at_fit_start_gives_batches_the_clusters_of_the_data(tmp_path):
     assert torch.equal(assignment.assignments, expected) and torch.equal(data.cluster_ids, expected)
     for index, cluster in recorder.batches:
         assert torch.equal(cluster, expected[index])
+
+
+def test_bounded_sample_with_the_global_seed_equals_kmeans_on_all_items_and_fills_the_module_memory(
+        tmp_path, monkeypatch):
+    model, data = toy("cluster_neighborhood")
+    model.cluster_prototypes = PrototypeMemory(6, 2)
+    assignment = ClusterAssignment(num_clusters=6, max_points_per_centroid=10, prototypes_attr="cluster_prototypes")
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored after the test
+    L.seed_everything(3)  # the seed k-means takes when the callback names none
+    quiet_trainer(1, tmp_path, [assignment], limit_val_batches=0).fit(model, data)
+    assert len(kmeans_sample(240, 6, 10, seed=3)) == 60  # k-means fits 60 of the 240 items
+    expected = kmeans(data.train_split["x"], 6, seed=3, max_points_per_centroid=10)  # faiss's own subsample
+    assert torch.equal(assignment.assignments, expected.assignments) and torch.equal(data.cluster_ids, expected.assignments)
+    assert torch.equal(model.cluster_prototypes.prototypes, expected.centroids) and assignment.prototypes is None
+    assert model.cluster_prototypes.counts.sum() == 60
+    other = ClusterAssignment(num_clusters=5, prototypes_attr="cluster_prototypes")
+    with pytest.raises(ValueError, match="cluster_prototypes holds 6 prototypes; ClusterAssignment makes num_clusters=5"):
+        quiet_trainer(1, tmp_path, [other]).fit(model, data)
 
 
 def test_precomputed_assignments_are_read_and_a_wrong_count_names_the_file(tmp_path):
@@ -105,3 +125,25 @@ def test_two_ddp_ranks_train_with_identical_assignments_equal_to_one_process_kme
     assert rank0.shape == (301,) and torch.equal(rank0, rank1)
     data = FlowDataModule(dataset="moons", num_train=301)
     assert torch.equal(rank0, kmeans(data.train_split["x"], 16, seed=0).assignments)
+
+
+def test_bounded_sample_two_ddp_ranks_assign_as_one_process(tmp_path):
+    (tmp_path / "callbacks.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: callbacks.cluster_assignment.ClusterAssignment\n"
+        "      init_args: {num_clusters: 16, max_points_per_centroid: 8}\n"
+        "    - class_path: tests.cluster_dump.DumpClusterIds\n")
+    cli("fit", "--config", "configs/cluster_flow_toy.yaml", "--config", str(tmp_path / "callbacks.yaml"),
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_val_batches", "0",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--data.init_args.num_train", "301", "--data.init_args.batch_size", "16",
+        "--data.init_args.eval_batch_size", "64", "--model.init_args.hidden_dim", "32")
+    ids = [torch.load(tmp_path / f"cluster_ids_rank{r}.pt") for r in range(2)]
+    prototypes = [torch.load(tmp_path / f"prototypes_rank{r}.pt") for r in range(2)]
+    assert len(kmeans_sample(301, 16, 8, seed=0)) == 128  # the sample, not the 301 items
+    expected = kmeans(FlowDataModule(dataset="moons", num_train=301).train_split["x"], 16, seed=0,
+                      max_points_per_centroid=8)
+    for rank in range(2):
+        assert torch.equal(ids[rank], expected.assignments)
+        assert torch.equal(prototypes[rank]["prototypes"][: expected.num_clusters], expected.centroids)
+        assert prototypes[rank]["counts"].sum() == 128
