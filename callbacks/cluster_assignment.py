@@ -131,7 +131,7 @@ class ClusterAssignment(Callback):
     def _memory(self, pl_module: L.LightningModule, dim: int) -> PrototypeMemory:
         if self.prototypes_attr is not None:
             return memory_of(pl_module, self.prototypes_attr)
-        if self.prototypes is None or self.prototypes.dim != dim:
+        if self.prototypes is None or self.prototypes.prototypes.shape != (self.num_clusters, dim):
             self.prototypes = PrototypeMemory(self.num_clusters, dim)
         return self.prototypes.to(pl_module.device)
 

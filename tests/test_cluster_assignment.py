@@ -111,6 +111,9 @@ def test_recomputed_every_n_epochs_and_kept_in_checkpoints(tmp_path):
     restored = ClusterAssignment(num_clusters=4, every_n_epochs=2)
     restored.load_state_dict(checkpoint["callbacks"]["ClusterAssignment"])
     assert torch.equal(restored.assignments, assignment.assignments) and restored.computed_at_epoch == 2
+    for name, value in assignment.prototypes.state_dict().items():  # the centroids the ids came from
+        assert torch.equal(restored.prototypes.state_dict()[name], value), name
+    assert torch.equal(restored.prototypes.nearest(data.train_split["x"]), assignment.assignments)
 
 
 def test_two_ddp_ranks_train_with_identical_assignments_equal_to_one_process_kmeans(tmp_path):

@@ -156,12 +156,16 @@ class ClassMeans(L.LightningModule):
         self.seen_modes: list[tuple[bool, bool, bool]] = []
 
     def prototype_features(self, batch):
-        x, y = batch
+        x, y = batch[:2]
         self.seen_modes.append((self.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
         return self.layer(x), y
 
+    def item_features(self, batch):
+        x, _, index = batch
+        return self.layer(x), index
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[:2]
         return (self.layer(x) - self.prototypes.prototypes[y].detach() * 0.5).pow(2).mean()
 
     def configure_optimizers(self):
@@ -176,7 +180,7 @@ class PointsData(L.LightningDataModule):
         self.classes = torch.arange(40) % 4
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(self.points, self.classes), batch_size=8)
+        return DataLoader(TensorDataset(self.points, self.classes, torch.arange(40)), batch_size=8)
 
 
 def fit(root, epochs, every_n_steps=3, ckpt_path=None, **trainer_args):
@@ -225,3 +229,18 @@ def test_one_period_only():
         PrototypeRefresh(every_n_steps=2, every_n_epochs=1)
     with pytest.raises(ValueError, match="exactly one"):
         PrototypeRefresh()
+
+
+def test_kmeans_rule_clusters_the_module_features_at_each_epoch_start(tmp_path):
+    torch.manual_seed(0)
+    untrained = ClassMeans()
+    torch.manual_seed(0)
+    model = ClassMeans()
+    model.clusters = PrototypeMemory(3, 3)
+    refresh = PrototypeRefresh(memory_attr="clusters", features_method="item_features", rule="kmeans",
+                               every_n_epochs=2, seed=1, max_points_per_centroid=10)
+    quiet_trainer(2, tmp_path, [refresh]).fit(model, PointsData())
+    assert refresh.last_refresh == 0  # epochs 0 and 2 are due; the fit ends after epoch 1
+    with torch.no_grad():
+        expected = kmeans(untrained.layer(PointsData().points), 3, seed=1, max_points_per_centroid=10, gpu=False)
+    assert torch.equal(model.clusters.prototypes, expected.centroids) and model.clusters.counts.sum() == 30
