@@ -196,7 +196,7 @@ class PrototypeMemory(nn.Module):
         sample = kmeans_sample(num_items, self.num_prototypes, max_points_per_centroid, seed).to(indices.device)
         positions = positions_in(sample, indices.long())
         in_sample = positions >= 0
-        self._check_sample_covered(positions[in_sample], features[in_sample], len(sample))
+        self._check_sample_covered(positions[in_sample], features, len(sample))
         sample_positions = gather_to_zero(positions[in_sample])
         sample_features = gather_to_zero(features[in_sample].float())
         if _rank_and_world()[0] == 0:
@@ -207,8 +207,9 @@ class PrototypeMemory(nn.Module):
         self.broadcast_(src=0)
 
     def _check_sample_covered(self, positions: torch.Tensor, features: torch.Tensor, sample_size: int) -> None:
-        # Checked on every rank alike (one small all_reduce), so a bad input raises everywhere
-        # instead of on rank 0 alone while the others wait in its broadcast.
+        # Checked on every rank alike (two small all_reduces), so a bad input raises everywhere
+        # instead of on rank 0 alone while the others wait in its broadcast. Every feature must be
+        # finite, not just the sample's: all of them are assigned to a centroid afterwards.
         covered = torch.zeros(sample_size, dtype=torch.int32, device=positions.device)
         covered[positions] = 1
         _all_reduce_(covered, dist.ReduceOp.MAX)

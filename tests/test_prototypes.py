@@ -71,6 +71,10 @@ def test_kmeans_refresh_equals_kmeans_on_all_points_with_its_own_subsample():
     assert len(kmeans_sample(900, 5, 40, seed=2)) == 200
     assert torch.equal(memory.prototypes, reference.centroids) and memory.counts.sum() == 200
     assert memory.keys.tolist() == [0, 1, 2, 3, 4] and torch.equal(memory.nearest(points), reference.assignments)
+    outside = points.clone()
+    outside[int(torch.isin(torch.arange(900), kmeans_sample(900, 5, 40, seed=2), invert=True).nonzero()[0])] = torch.nan
+    with pytest.raises(ValueError, match="k-means prototype features hold NaN or inf"):
+        memory.refresh_kmeans(outside, torch.arange(900), seed=2, max_points_per_centroid=40)
     with pytest.raises(ValueError, match="features of 1 of the 200 items k-means samples are missing"):
         sample = kmeans_sample(900, 5, 40, seed=2)
         kept = torch.ones(900, dtype=torch.bool)
