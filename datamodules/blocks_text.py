@@ -196,9 +196,9 @@ class BlocksTextDataModule(IndexTablesDataModule):
         return [item["sentence"] for item in self.eval_pack["val"][:16]]
 
     # ---- loaders ---------------------------------------------------------------------------
-    STAGE_SPLITS: ClassVar[dict[RunningStage, str]] = {
+    STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = {
         RunningStage.TRAINING: "train", RunningStage.SANITY_CHECKING: "val", RunningStage.VALIDATING: "val",
-        RunningStage.TESTING: "test", RunningStage.PREDICTING: "test",
+        RunningStage.TESTING: "test", RunningStage.PREDICTING: "test", None: "val",
     }
 
     def train_dataloader(self) -> IndexBatchLoader:

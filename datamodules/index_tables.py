@@ -41,13 +41,15 @@ class IndexTablesDataModule(L.LightningDataModule):
     ``seed`` among their arguments, then ``resolve_data_seed()``.
     """
 
-    # Which split's tables a batch of each trainer stage is gathered from.
-    STAGE_SPLITS: ClassVar[dict[RunningStage, str]] = {
+    # Which split's tables a batch of each trainer stage is gathered from; ``None`` is a trainer
+    # between runs (e.g. evaluation batches gathered by hand after ``fit``).
+    STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = {
         RunningStage.TRAINING: "train",
         RunningStage.SANITY_CHECKING: "eval",
         RunningStage.VALIDATING: "eval",
         RunningStage.TESTING: "eval",
         RunningStage.PREDICTING: "eval",
+        None: "eval",
     }
 
     def __init__(self) -> None:

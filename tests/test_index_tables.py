@@ -141,3 +141,12 @@ def test_a_fit_stopped_mid_epoch_resumes_exactly(tmp_path, every):
     torch.save(saved, tmp_path / "stateless.ckpt")
     stateless, _ = run(tmp_path / "stateless", ckpt_path=str(tmp_path / "stateless.ckpt"))
     assert not weights_match(straight, stateless)
+
+
+def test_batches_gathered_by_hand_after_fit_read_the_evaluation_tables(tmp_path):
+    data = FlowDataModule(dataset="moons", num_train=320, num_eval=64, batch_size=32)
+    quiet_trainer(1, tmp_path, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=False).fit(
+        FlowProbe(), data)
+    assert data.trainer.state.stage is None
+    batch = data.on_after_batch_transfer(next(iter(data.val_dataloader())), 0)
+    assert torch.equal(batch["x"], data.eval_split["x"][batch["index"]])
