@@ -10,6 +10,7 @@ from modules.losses.flow_matching import (
     linear_path,
     locality_loss,
     masked_mean,
+    perturbed_source,
 )
 
 
@@ -78,3 +79,10 @@ def test_locality_loss_over_valid_pairs_only_and_masked_pairs_get_no_gradient():
 
 def test_no_valid_pair_gives_zero_not_nan():
     assert masked_mean(torch.tensor([3.0, 1.0]), torch.tensor([False, False])).item() == 0.0
+
+
+def test_perturbed_source_adds_the_items_own_noise_scaled():
+    x0, noise = torch.zeros(2, 3), torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.5, 0.5]])
+    assert torch.equal(perturbed_source(x0, noise, 0.1), 0.1 * noise)
+    with pytest.raises(ValueError, match=r"noise must have the shape of x0 \(2, 3\), got \(2,\)"):
+        perturbed_source(x0, torch.zeros(2), 0.1)

@@ -43,3 +43,15 @@ def test_ema_moves_parameters_and_copies_buffers():
     ema_update(teacher, student, momentum=0.9)
     assert teacher.weight.tolist() == pytest.approx([0.1, 0.1])
     assert teacher.running_mean.tolist() == [3.0, 3.0]
+
+
+def test_ema_skip_decided_on_the_device_keeps_the_teacher_exactly():
+    student, teacher = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        teacher.weight.fill_(0.0)
+        student.running_mean.fill_(3.0)
+    ema_update(teacher, student, momentum=0.9, skip=torch.tensor(True))
+    assert teacher.weight.tolist() == [0.0, 0.0] and teacher.running_mean.tolist() == [0.0, 0.0]
+    ema_update(teacher, student, momentum=0.9, skip=torch.tensor(False))
+    assert teacher.weight.tolist() == pytest.approx([0.1, 0.1]) and teacher.running_mean.tolist() == [3.0, 3.0]

@@ -42,3 +42,24 @@ def test_shape_errors_name_what_was_expected():
         VelocityMLP([2])(torch.zeros(4, 3), torch.zeros(4))
     with pytest.raises(ValueError, match="network must be 'mlp' or 'unet'"):
         build_velocity_network("transformer", [2], 64, 2, [8], 16)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_bf16_weights_take_bf16_inputs_and_times_keep_fp32_angles(kind):
+    """Under ``bf16-true`` the module, its inputs and the times are bf16: no dtype error, and the time
+    features are computed in fp32 (a bf16 frequency table would move the angles by radians)."""
+    torch.manual_seed(0)
+    net = build_velocity_network(kind, [1, 8, 8], hidden_dim=16, depth=1, channels=[8, 16], time_dim=8)
+    x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
+    reference = net.time(t)
+    net = net.to(torch.bfloat16)
+    out = net(x.bfloat16(), t.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape and torch.isfinite(out.float()).all()
+    assert net.time(t).dtype == torch.bfloat16
+    assert torch.allclose(net.time(t).float(), reference, atol=0.05)
+
+
+def test_checkpoints_with_the_old_frequency_table_still_load():
+    net = VelocityMLP([2], hidden_dim=8, depth=1, time_dim=4)
+    state = net.state_dict() | {"time.frequencies": torch.ones(2)}
+    net.load_state_dict(state)  # strict: the constant table is dropped, nothing else is unexpected
