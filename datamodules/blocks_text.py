@@ -30,6 +30,7 @@ from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
 from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
 
 EVAL_ID_KEYS = ("sentence", "paraphrases", "counterfactuals")
+ID_TABLES = ("train_views", "train_counterfactuals", *(f"{split}_{key}" for split in ("val", "test") for key in EVAL_ID_KEYS))
 
 
 def view_pair_draw(num_views: int, num_counterfactuals: int, per_anchor: int = 1) -> ItemDraw:
@@ -165,7 +166,7 @@ class BlocksTextDataModule(IndexTablesDataModule):
             self._tensors[f"{split}_counterfactual_kind"] = torch.tensor(
                 [[COUNTERFACTUAL_KINDS.index(kind) for kind in item["counterfactual_kinds"]] for item in items]
             )
-        self._lengths = {name: (ids != PAD_ID).sum(-1) for name, ids in self._tensors.items() if "kind" not in name}
+        self._lengths = {name: (self._tensors[name] != PAD_ID).sum(-1) for name in ID_TABLES}
         self.clear_device_tables()
 
     def setup(self, stage: str) -> None:
