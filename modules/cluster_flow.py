@@ -98,8 +98,7 @@ class ClusterFlowMatching(MethodModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0, x1, t = batch["x0"], batch["x"], batch["t"]
         target = flow_target(x0, x1)
-        mode = self.hparams.locality_mode
-        logs = {"training/locality_mode": float(LOCALITY_MODES.index(mode))}
+        mode, logs = self.hparams.locality_mode, {}
         if mode == "none":
             loss = flow_matching_loss(self.velocity(linear_path(x0, x1, t), t), target)
         else:
@@ -116,6 +115,10 @@ class ClusterFlowMatching(MethodModule):
         # Diagnostics as epoch means: each logged value costs a fixed overhead per step on small models.
         self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # A Python number, logged outside the step: its copy to the device would wait for the device.
+        self.log("training/locality_mode", float(LOCALITY_MODES.index(self.hparams.locality_mode)))
 
     def _partners(self, batch: dict, logs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Start, end and validity of each sample's partner path."""

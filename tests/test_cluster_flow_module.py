@@ -146,7 +146,7 @@ def test_training_step_reads_the_items_flow_times_and_noise(mode):
 @pytest.mark.parametrize("mode", ["none", "cluster_neighborhood"])
 def test_bf16_mixed_fit_gives_finite_metrics(tmp_path, mode):
     L.seed_everything(0)
-    model, data = toy(mode)
+    model, data = toy(mode, samples_per_cluster=0)
     callbacks = [ClusterAssignment(num_clusters=8)] if mode == "cluster_neighborhood" else []
     trainer = quiet_trainer(1, tmp_path, callbacks, limit_train_batches=3, limit_val_batches=1,
                             precision="bf16-mixed")
