@@ -127,7 +127,8 @@ class TEMIClustering(MethodModule):
     def peak_learning_rate(self) -> float:
         """Linear scaling rule: ``lr`` is per 256 items of the global batch."""
         trainer = self.trainer
-        return self.hparams.lr * self.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches / 256
+        global_batch = self.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        return self.hparams.lr * global_batch / 256
 
     def requested_warmup_steps(self) -> int:
         trainer = self.trainer

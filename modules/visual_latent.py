@@ -24,8 +24,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from text.blocks import COUNTERFACTUAL_KINDS
-from text.tokenizer import PAD_ID
 from modules.distributed import gather_with_gradients
 from modules.latent_snapshot import LatentSnapshot
 from modules.losses.contrastive import info_nce, vicreg_regularizer
@@ -41,6 +39,8 @@ from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
 from modules.networks.text_encoder import TextTransformer
+from text.blocks import COUNTERFACTUAL_KINDS
+from text.tokenizer import PAD_ID
 
 SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis": 0.05, "cov": 0.05,
                       "var": 0.05}
