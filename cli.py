@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import signal
+import sys
 from pathlib import Path
 
 # W&B must never wait on a network it may not have; going online is the user's explicit choice.
@@ -21,13 +23,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 from callbacks.config_logging import LogConfig  # noqa: E402
-from callbacks.last_checkpoint import LastCheckpoint  # noqa: E402
+from callbacks.last_checkpoint import AtomicCheckpointIO, LastCheckpoint  # noqa: E402
 from callbacks.metrics_file import MetricsFile  # noqa: E402
 from callbacks.prediction_writer import PredictionWriter  # noqa: E402
+from callbacks.progress import EpochMetricsOnEveryRank, ValidationLines  # noqa: E402
 from callbacks.random_state import RandomState  # noqa: E402
 
 DEFAULTS = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
@@ -58,6 +63,21 @@ class ProtoCLI(LightningCLI):
                 init_args.save_dir = str(root)
                 root.mkdir(parents=True, exist_ok=True)
         _drop_links_the_model_does_not_take(config.model)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer as configured, plus what every run gets: epoch metrics reduced on every rank
+        before any progress bar reads them, progress as a TQDM bar on a terminal and one line per
+        validation elsewhere (when the bar is not switched off), and atomic checkpoint files."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = [EpochMetricsOnEveryRank(), *_as_list(config.get("callbacks"))]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            terminal = sys.stdout.isatty()
+            callbacks.append(TQDMProgressBar() if terminal else ValidationLines())
+            kwargs.setdefault("enable_progress_bar", terminal)
+        plugins = _as_list(config.get("plugins"))
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
 
 def _drop_links_the_model_does_not_take(model) -> None:
@@ -96,4 +116,9 @@ def main(args: list[str] | None = None) -> ProtoCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SIGTERMException:
+        # Lightning ends a SIGTERM-ed fit (after its checkpoint) with exit status 0; a preempted run
+        # must not read as finished to the next command or the scheduler: 128 + signal, as the shell does.
+        sys.exit(128 + signal.SIGTERM)

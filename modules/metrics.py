@@ -11,9 +11,12 @@ from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.clustering import AdjustedMutualInfoScore, AdjustedRandScore, NormalizedMutualInfoScore
 from torchmetrics.functional.clustering import adjusted_rand_score, normalized_mutual_info_score
-from torchmetrics.retrieval import RetrievalHitRate
-from torchmetrics.functional.clustering.mutual_info_score import _mutual_info_score_compute, _mutual_info_score_update
+from torchmetrics.functional.clustering.mutual_info_score import (
+    _mutual_info_score_compute,
+    _mutual_info_score_update,
+)
 from torchmetrics.functional.clustering.utils import calculate_entropy, calculate_generalized_mean
+from torchmetrics.retrieval import RetrievalHitRate
 from torchmetrics.utilities import dim_zero_cat
 
 

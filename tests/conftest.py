@@ -39,7 +39,7 @@ def blob_files(tmp_path: Path) -> dict[str, Path]:
 
 # Small heads that train in seconds on the CPU; the CLI tests pass the same as --model.init_args.*.
 TINY_TEMI = {
-    "num_heads": 4, "hidden_dim": 64, "bottleneck_dim": 32, "warmup_epochs": 1, "lr": 1e-3, "min_lr": 1e-3,
+    "num_heads": 4, "hidden_dim": 64, "bottleneck_dim": 32, "warmup_epochs": 1, "lr": 1e-3, "min_lr_factor": 1.0,
     # A few dozen steps only: a teacher EMA of 0.996 would barely move in that time.
     "teacher_momentum": 0.9, "final_teacher_momentum": 0.9,
 }
