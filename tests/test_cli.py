@@ -146,17 +146,19 @@ def probe_args(root) -> list[str]:
             "--trainer.default_root_dir", str(root), "--trainer.logger", "false", "--trainer.max_epochs", "3"]
 
 
-def test_sigterm_mid_epoch_saves_last_and_the_resumed_fit_ends_with_the_straight_weights(tmp_path):
-    """A scheduler's SIGTERM after step 13 (batch 3 of 10 in epoch 1) leaves last.ckpt at that step and
-    exits with 128 + 15; `--ckpt_path last` then ends where the uninterrupted fit ends."""
+@pytest.mark.parametrize("signal_name, exit_status", [("SIGTERM", 128 + 15), ("SIGINT", 1)])
+def test_an_interrupt_mid_epoch_saves_last_and_the_resumed_fit_ends_with_the_straight_weights(
+        tmp_path, signal_name, exit_status):
+    """A scheduler's SIGTERM or a Ctrl-C (SIGINT) after step 13 (batch 3 of 10 in epoch 1) leaves
+    last.ckpt at that step; `--ckpt_path last` then ends where the uninterrupted fit ends."""
     preemption = tmp_path / "preemption.yaml"
     preemption.write_text("trainer:\n  callbacks:\n    - class_path: tests.tiny_module.SignalAtStep\n"
-                          "      init_args: {step: 13, signal_name: SIGTERM}\n")
+                          f"      init_args: {{step: 13, signal_name: {signal_name}}}\n")
     cli("fit", *probe_args(tmp_path / "straight"))
     split = tmp_path / "split"
     interrupted = subprocess.run([PYTHON, str(REPO / "cli.py"), "fit", *probe_args(split), "--config", str(preemption)],
                                  check=False, cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=300)
-    assert interrupted.returncode == 128 + 15 and "sending SIGTERM at step 13" in interrupted.stdout
+    assert interrupted.returncode == exit_status and f"sending {signal_name} at step 13" in interrupted.stdout
     saved = torch.load(split / "checkpoints/last.ckpt", weights_only=False)
     assert saved["global_step"] == 13
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_yielded": 3}]
