@@ -52,9 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning as L  # noqa: E402
 
-from datamodules.embeddings import EmbeddingsDataModule  # noqa: E402
-from datamodules.embeddings import load_digits_arrays  # noqa: E402
 from clustering.knn import cosine_knn  # noqa: E402
+from datamodules.embeddings import (
+    EmbeddingsDataModule,  # noqa: E402
+    load_digits_arrays,  # noqa: E402
+)
 from modules.temi import TEMIClustering  # noqa: E402
 
 KNN = 50

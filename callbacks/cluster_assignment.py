@@ -41,7 +41,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.prototype_refresh import feature_pass, memory_of
 from clustering.kmeans import MAX_POINTS_PER_CENTROID, check_num_clusters, read_assignments
-from clustering.prototypes import PrototypeMemory, first_of_each_index, resolve_seed
+from clustering.prototypes import PrototypeMemory, first_of_each_index
+from datamodules.index_tables import resolve_seed
 from modules.distributed import gather_rows
 
 __all__ = ["ClusterAssignment", "check_same_training_set", "first_of_each_index"]

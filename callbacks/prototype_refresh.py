@@ -28,7 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from clustering.kmeans import MAX_POINTS_PER_CENTROID
-from clustering.prototypes import PrototypeMemory, resolve_seed
+from clustering.prototypes import PrototypeMemory
+from datamodules.index_tables import resolve_seed
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.arrays import nonfinite_rows
+from clustering.features import nonfinite_rows
 
 try:
     import faiss

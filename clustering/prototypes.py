@@ -21,7 +21,6 @@ initialized (what Lightning's DDP sets up), and plain local computations otherwi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -38,11 +37,6 @@ from clustering.kmeans import (
 )
 
 EMPTY_KEY = -1
-
-
-def resolve_seed(seed: int | None) -> int:
-    """``seed`` itself, else the global seed ``seed_everything`` recorded (``PL_GLOBAL_SEED``), else 0."""
-    return int(os.environ.get("PL_GLOBAL_SEED", "0")) if seed is None else int(seed)
 
 
 def _rank_and_world() -> tuple[int, int]:

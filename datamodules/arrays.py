@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clustering.features import nonfinite_rows
+
 SUFFIXES = (".npy", ".npz", ".pt", ".pth")
 
 
@@ -61,11 +63,6 @@ def archive_keys(path: str | Path) -> set[str]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         return set(loaded) if isinstance(loaded, dict) else set()
     return set()
-
-
-def nonfinite_rows(array: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows ``array[i]`` (any shape after the first axis) holding a NaN or inf."""
-    return (~torch.isfinite(array.flatten(1)).all(dim=1)).nonzero().flatten()
 
 
 def as_embeddings(array: torch.Tensor, source: str | Path) -> torch.Tensor:

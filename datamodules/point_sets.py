@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.arrays import load_array, nonfinite_rows
+from clustering.features import nonfinite_rows
+from datamodules.arrays import load_array
 
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from tools.encode_and_cluster import encode_and_cluster
-from datamodules.flow_data import FlowDataModule
 from clustering.kmeans import read_assignments
+from datamodules.flow_data import FlowDataModule
+from tools.encode_and_cluster import encode_and_cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("latents.npy", "cluster_centers.npy", "assignments.csv", "clusters.json")

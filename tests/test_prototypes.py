@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.prototype_refresh import PrototypeRefresh, feature_pass
 from clustering.kmeans import kmeans, kmeans_sample
-from clustering.prototypes import EMPTY_KEY, PrototypeMemory, resolve_seed
+from clustering.prototypes import EMPTY_KEY, PrototypeMemory
+from datamodules.index_tables import resolve_seed
 from tests.conftest import quiet_trainer
 
 KEYS = [10, 20, 30]

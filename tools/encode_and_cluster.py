@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from callbacks.json_files import write_json_atomically
-from datamodules.arrays import nonfinite_rows
-from datamodules.flow_data import FlowDataModule, fingerprint
+from clustering.features import nonfinite_rows
 from clustering.kmeans import KMeansResult, check_num_clusters, kmeans, write_assignments
+from datamodules.flow_data import FlowDataModule, fingerprint
 from modules.metrics import label_agreement
 
 DATASETS = ("moons", "checkerboard", "digits", "mnist", "npy")

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
 
-from datamodules.arrays import save_temi_folder
 from clustering.knn import check_k, cosine_knn
+from datamodules.arrays import save_temi_folder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
