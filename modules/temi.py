@@ -104,7 +104,9 @@ class TEMIClustering(MethodModule):
             raise ValueError(f"pair_loss must be one of {sorted(PAIR_LOSSES)}, got {pair_loss!r}")
         self.student = build_heads(heads, input_dim, num_clusters, num_heads, hidden_dim, bottleneck_dim,
                                    dropout, train_last_norm)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        # Eval from the start: Lightning restores each submodule's own mode around evaluation rather
+        # than calling ``train()``, so the override below alone would leave the teacher training.
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.register_buffer("marginal", torch.full((num_heads, num_clusters), 1.0 / num_clusters))
         self.register_buffer("best_head", torch.tensor(0))
         self.register_buffer("epoch_head_loss", torch.zeros(num_heads))
@@ -113,6 +115,7 @@ class TEMIClustering(MethodModule):
         self.register_buffer("nonfinite_longest_streak", torch.tensor(0))
         self.register_buffer("nonfinite_total", torch.tensor(0))
         self.register_buffer("step_skipped", torch.tensor(False), persistent=False)
+        self._statistics_before_step: list[torch.Tensor] = []  # the student's buffers as the step found them
         self.load_initial_weights()
 
     # ---- schedules ------------------------------------------------------------------------
@@ -149,6 +152,7 @@ class TEMIClustering(MethodModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         x = torch.cat([batch["x"], batch["x_pair"]])
+        self._statistics_before_step = [buffer.clone() for buffer in self.student.buffers()]  # none in official heads
         student = self.view_log_probs(self.student, x, hp.student_temp)
         with torch.no_grad():
             teacher = self.view_log_probs(self.teacher, x, self.teacher_temperature())
@@ -207,6 +211,10 @@ class TEMIClustering(MethodModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        # A skipped batch must not leave NaN in the student's batch-norm statistics, which the teacher
+        # copies and evaluation reads (restored after the backward, which still reads them).
+        for buffer, before in zip(self.student.buffers(), self._statistics_before_step, strict=True):
+            buffer.copy_(torch.where(self.step_skipped, before, buffer))
         ema_update(self.teacher, self.student, self.teacher_momentum(), skip=self.step_skipped)
 
     def on_train_epoch_start(self) -> None:
