@@ -16,7 +16,7 @@ end of step ``W`` (after ``--warmup`` steps) to the end of step ``W + --steps``
 ours alternate so both see the same machine load, and the median is reported.
 
 * ours: ``lightning.Trainer(accelerator="cpu")`` fitting ``modules.temi.TEMIClustering``
-  (``per_head_metrics=False``) with ``datamodules.EmbeddingsDataModule(knn=50)``, timed by a
+  (``per_head_metrics=False``) with ``datamodules.embeddings.EmbeddingsDataModule(knn=50)``, timed by a
   ``Callback``: exactly what ``cli.py fit`` runs, minus logger, checkpoints and validation.
 * baseline: the official TEMI code's structure (``HHU-MMBS/TEMI-official-BMVC2023``): one
   ``DINOHead`` ``nn.Module`` per head (``Linear -> GELU -> Linear -> L2-normalize ->
