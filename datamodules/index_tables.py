@@ -7,6 +7,13 @@ has (``host_tables``) and, where a batch is more than rows of tables, how to gat
 (``gather``). The base wires the samplers: shuffled full batches for training, contiguous
 shards for evaluation, both sharded over ranks (issue 9, item 2).
 
+Mid-epoch resume: Lightning saves the training loader's place with the fit loop, but applies it
+only to a loader it builds after the restore. A module asking ``trainer.estimated_stepping_batches``
+in ``configure_optimizers`` (every ``MethodModule`` does) has the loader built before it, and the
+saved place is dropped (Lightning issue 20550), so the epoch would restart from its first batch.
+The datamodule therefore also keeps the place in its own state, which Lightning restores before
+any loader is built, and hands it to the training loader itself (issue 9, item 2).
+
 Seeds: a datamodule's ``seed=None`` means the global seed set by ``seed_everything`` (Lightning
 keeps it in ``PL_GLOBAL_SEED``, also for the processes it launches), else 0, so one
 ``seed_everything`` seeds the data too; an explicit ``seed`` wins (issue 9, item 7).
@@ -19,7 +26,7 @@ from typing import ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from datamodules.index_batches import EpochPermutation, HostFields, IndexBatchLoader, ItemDraw, rank_and_world
 
@@ -55,6 +62,8 @@ class IndexTablesDataModule(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         self._device_tables: dict[tuple[str, torch.device], Tables] = {}
+        self._train_loader: IndexBatchLoader | None = None
+        self._train_place: dict[str, int] | None = None  # restored, for the next training loader
 
     def resolve_data_seed(self) -> None:
         """Fix ``hparams.seed`` to the seed in force at construction, so it is logged and saved as used."""
@@ -94,6 +103,27 @@ class IndexTablesDataModule(L.LightningDataModule):
         """Gather the rows of this batch's indices from the tables on the batch's device."""
         return self.gather(batch, self.current_split())
 
+    # ---- the training loader's place, carried in the datamodule's checkpoint state -------------
+    def state_dict(self) -> dict:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resuming a fit: the training loader continues the saved epoch after its last handed-out batch.
+
+        Any other caller (a fresh fit reading another run's state for ``init_from``, an evaluation
+        from a checkpoint) leaves the training loader at the start of its epoch.
+        """
+        trainer = self.trainer
+        resuming = trainer is not None and trainer.ckpt_path is not None and trainer.state.fn == TrainerFn.FITTING
+        self._train_place = state_dict.get("train_loader") if resuming else None
+        if self._train_loader is not None:
+            self._restore_train_place()
+
+    def _restore_train_place(self) -> None:
+        if self._train_place is not None:
+            self._train_loader.load_state_dict(self._train_place)
+            self._train_place = None
+
     # ---- loaders ---------------------------------------------------------------------------
     def train_sampler(self, num_items: int, rank: int, world_size: int) -> EpochPermutation:
         hp = self.hparams
@@ -103,7 +133,10 @@ class IndexTablesDataModule(L.LightningDataModule):
     def train_loader(self, num_items: int, draw: ItemDraw | None = None,
                      host_fields: HostFields | None = None) -> IndexBatchLoader:
         """Shuffled full batches, a new order each epoch, resumable mid-epoch."""
-        return IndexBatchLoader(self.train_sampler(num_items, *rank_and_world(self.trainer)), draw, host_fields)
+        self._train_loader = IndexBatchLoader(self.train_sampler(num_items, *rank_and_world(self.trainer)), draw,
+                                              host_fields)
+        self._restore_train_place()
+        return self._train_loader
 
     def eval_loader(self, num_items: int, draw: ItemDraw | None = None,
                     host_fields: HostFields | None = None) -> IndexBatchLoader:

@@ -1,4 +1,4 @@
-"""The index-tables base: loader state and mid-epoch resume, seeds from seed_everything, per-item draws."""
+"""The index-tables base: loader state, mid-epoch resume (flow, TEMI), seeds from seed_everything, item draws."""
 
 import lightning as L
 import pytest
@@ -10,6 +10,7 @@ from datamodules.flow_data import FlowDataModule, training_draw
 from datamodules.index_batches import EpochPermutation, IndexBatchLoader
 from datamodules.index_tables import resolve_seed
 from tests.conftest import quiet_trainer
+from tests.test_temi_module import blob_module
 from tests.tiny_module import TinyModule
 
 
@@ -104,6 +105,10 @@ class FlowProbe(TinyModule):
         self.log("val/loss", self.layer(batch["x"]).pow(2).mean())
 
 
+def weights_match(a, b) -> bool:
+    return all(torch.allclose(x, y, atol=1e-5, rtol=0) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
 # Checkpoints written every 13 steps, or at every validation (every 3 of the 10 batches of an epoch).
 CHECKPOINT_EVERY = {"steps": ({"every_n_train_steps": 13}, {}), "validation": ({}, {"val_check_interval": 0.3})}
 
@@ -123,9 +128,6 @@ def test_a_fit_stopped_mid_epoch_resumes_exactly(tmp_path, every):
         trainer.fit(model, data, ckpt_path=ckpt_path)
         return model, trainer
 
-    def weights_match(a, b):
-        return all(torch.allclose(x, y, atol=1e-5, rtol=0) for x, y in zip(a.parameters(), b.parameters(), strict=True))
-
     straight, straight_trainer = run(tmp_path / "straight")
     with pytest.raises(Interrupted):
         run(tmp_path / "resumed", [InterruptAtStep(13)])
@@ -133,11 +135,13 @@ def test_a_fit_stopped_mid_epoch_resumes_exactly(tmp_path, every):
     saved = torch.load(path, weights_only=False)
     assert saved["global_step"] == 13
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_yielded": 3}]
+    assert saved["FlowDataModule"] == {"train_loader": {"epoch": 1, "batches_yielded": 3}}
     resumed, resumed_trainer = run(tmp_path / "resumed", ckpt_path=str(path))
     assert resumed_trainer.global_step == straight_trainer.global_step == 30
     assert weights_match(straight, resumed)
 
-    del saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # as if the loader kept no state: epoch 1 starts over
+    # as if the loader kept no state: epoch 1 starts over
+    del saved["loops"]["fit_loop"]["state_dict"]["combined_loader"], saved["FlowDataModule"]
     torch.save(saved, tmp_path / "stateless.ckpt")
     stateless, _ = run(tmp_path / "stateless", ckpt_path=str(tmp_path / "stateless.ckpt"))
     assert not weights_match(straight, stateless)
@@ -150,3 +154,42 @@ def test_batches_gathered_by_hand_after_fit_read_the_evaluation_tables(tmp_path)
     assert data.trainer.state.stage is None
     batch = data.on_after_batch_transfer(next(iter(data.val_dataloader())), 0)
     assert torch.equal(batch["x"], data.eval_split["x"][batch["index"]])
+
+
+def test_a_temi_fit_stopped_mid_epoch_resumes_to_the_straight_weights(blob_files, tmp_path):
+    """TEMI asks for ``estimated_stepping_batches`` in ``configure_optimizers``, so Lightning builds the
+    training loader before restoring the checkpoint and drops the loader state saved with its fit loop
+    (Lightning issue 20550). Checkpoint at step 7 (epoch 1, batch 2 of 5), stopped, resumed == 3 epochs
+    straight (weights within 1e-5) through the datamodule's copy of that state; without the copy, the
+    resumed epoch 1 starts over and the weights differ."""
+
+    def run(root, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        model, data = blob_module(blob_files)
+        checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=7)
+        trainer = quiet_trainer(3, root, [checkpoint, RandomState(), *callbacks])
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model, trainer
+
+    straight, straight_trainer = run(tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed", [InterruptAtStep(7)])
+    path = tmp_path / "resumed/checkpoints/last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["global_step"] == 7
+    assert saved["EmbeddingsDataModule"] == {"train_loader": {"epoch": 1, "batches_yielded": 2}}
+    resumed, resumed_trainer = run(tmp_path / "resumed", ckpt_path=str(path))
+    assert resumed_trainer.global_step == straight_trainer.global_step == 15
+    assert weights_match(straight, resumed)
+
+    del saved["EmbeddingsDataModule"]  # only the fit loop's copy of the loader state is left
+    torch.save(saved, tmp_path / "loop_state_only.ckpt")
+    loop_state_only, _ = run(tmp_path / "loop_state_only", ckpt_path=str(tmp_path / "loop_state_only.ckpt"))
+    assert not weights_match(straight, loop_state_only)
+
+
+def test_a_loader_place_read_outside_a_resumed_fit_is_ignored():
+    """A fresh fit reading another run's datamodule state (``init_from``) starts its epoch at the first batch."""
+    data = FlowDataModule(dataset="moons", num_train=320, batch_size=32)
+    data.load_state_dict({"train_loader": {"epoch": 0, "batches_yielded": 10}})
+    assert len(list(data.train_dataloader())) == 10
