@@ -1,4 +1,4 @@
-"""The index-tables base: loader state, mid-epoch resume (flow, TEMI), seeds from seed_everything, item draws."""
+"""The index-tables base: loader state, mid-epoch resume (flow, TEMI), seeds from seed_everything, draws."""
 
 import lightning as L
 import pytest
