@@ -21,7 +21,9 @@ The centroids are a ``PrototypeMemory`` a loss can read: the module's own, when
 ``prototypes_attr`` names one (it is then in the module's checkpoint), else the callback's.
 The assignments (and the callback's memory) live in this callback's checkpoint state, so a
 resumed run keeps the clusters it trained with. They are handed to the datamodule at every
-epoch start, before the epoch's batches are drawn.
+epoch start, before the epoch's batches are drawn, and, on a resume, at train start: Lightning
+resumes an epoch checkpointed part-way without ``on_train_epoch_start``, and the loader draws the
+rest of that epoch from the restored ids (``datamodules.index_batches.IndexBatchLoader``).
 
 What the pair must provide: the datamodule ``num_train_items``, ``cluster_dataloader()``
 (batches with ``index``, covering every training item) and ``set_cluster_assignments(ids)``;
@@ -85,6 +87,7 @@ class ClusterAssignment(Callback):
         self.assignments: torch.Tensor | None = None
         self.prototypes: PrototypeMemory | None = None  # the callback's own, without prototypes_attr
         self.computed_at_epoch = -1
+        self.restored = False  # assignments loaded from a checkpoint, not yet handed to the data
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -103,6 +106,11 @@ class ClusterAssignment(Callback):
             if rows != self.num_clusters:
                 raise ValueError(f"{type(pl_module).__name__}.{self.prototypes_attr} holds {rows} prototypes; "
                                  f"ClusterAssignment makes num_clusters={self.num_clusters}")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.restored and self.assignments is not None:
+            trainer.datamodule.set_cluster_assignments(self.assignments)
+        self.restored = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -151,6 +159,7 @@ class ClusterAssignment(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.assignments, self.computed_at_epoch = state_dict["assignments"], state_dict["computed_at_epoch"]
+        self.restored = True
         saved = state_dict.get("prototypes")
         if saved is not None:
             self.prototypes = PrototypeMemory(*saved["prototypes"].shape)

@@ -1,19 +1,22 @@
 """ClusterAssignment: precomputed or k-means at fit start, in checkpoints, identical on 2 DDP ranks."""
 
+import logging
 from functools import partial
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from callbacks.cluster_assignment import ClusterAssignment, first_of_each_index
+from callbacks.random_state import RandomState
 from clustering.kmeans import kmeans, kmeans_sample, read_assignments, write_assignments
 from clustering.prototypes import PrototypeMemory
 from datamodules.flow_data import FlowDataModule
 from tests.conftest import quiet_trainer
 from tests.test_cli import cli
 from tests.test_cluster_flow_module import toy as flow_toy
+from tests.test_index_tables import InterruptAtStep, Interrupted
 from tools.encode_and_cluster import encode_and_cluster
 
 # the module tests' tiny flow on 240 toy points in batches of 24, plain batches unless asked
@@ -114,6 +117,38 @@ def test_recomputed_every_n_epochs_and_kept_in_checkpoints(tmp_path):
     for name, value in assignment.prototypes.state_dict().items():  # the centroids the ids came from
         assert torch.equal(restored.prototypes.state_dict()[name], value), name
     assert torch.equal(restored.prototypes.nearest(data.train_split["x"]), assignment.assignments)
+
+
+def test_a_fit_stopped_mid_epoch_resumes_with_its_clusters_to_the_straight_weights(tmp_path, caplog):
+    """Cluster-mate batches, k-means at fit start, checkpoint at step 13 (epoch 1, batch 3 of 10):
+    Lightning resumes that epoch without on_train_epoch_start, so the restored ids must reach the
+    data at train start; the resumed fit ends where the straight one does, its clusters unchanged."""
+    caplog.set_level(logging.INFO)
+
+    def run(root, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        model, data = toy("cluster_neighborhood", samples_per_cluster=4)
+        assignment = ClusterAssignment(num_clusters=6, seed=3)
+        checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=13)
+        trainer = quiet_trainer(2, root, [checkpoint, RandomState(), assignment, *callbacks], limit_val_batches=0)
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model, data, trainer
+
+    straight, straight_data, straight_trainer = run(tmp_path / "straight")
+    assert "k-means: 6 clusters of 240 items" in caplog.text
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed", [InterruptAtStep(13)])
+    path = tmp_path / "resumed/checkpoints/last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_yielded": 3}]
+    caplog.clear()
+    resumed, resumed_data, resumed_trainer = run(tmp_path / "resumed", ckpt_path=str(path))
+    assert "Restored all states" in caplog.text and "k-means:" not in caplog.text  # the saved ids, not a new run
+    assert resumed_trainer.global_step == straight_trainer.global_step == 20
+    assert torch.equal(resumed_data.cluster_ids, saved["callbacks"]["ClusterAssignment"]["assignments"])
+    assert torch.equal(resumed_data.cluster_ids, straight_data.cluster_ids)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), name
 
 
 def test_two_ddp_ranks_train_with_identical_assignments_equal_to_one_process_kmeans(tmp_path):
