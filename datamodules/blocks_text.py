@@ -182,10 +182,12 @@ class BlocksTextDataModule(IndexTablesDataModule):
             rank_zero_info(f"tokenizer ({self.tokenizer.get_vocab_size()} ids) saved to {path}")
 
     def state_dict(self) -> dict:
-        return {"tokenizer": self.tokenizer.to_str()}
+        return super().state_dict() | {"tokenizer": self.tokenizer.to_str()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """A checkpoint's tokenizer wins over a freshly trained one (ids must mean what they meant)."""
+        """A checkpoint's tokenizer wins over a freshly trained one (ids must mean what they meant);
+        the training loader's place in the epoch is the base's."""
+        super().load_state_dict(state_dict)
         saved = state_dict["tokenizer"]
         if saved != self.tokenizer.to_str():
             self._tokenizer = Tokenizer.from_str(saved)

@@ -17,6 +17,7 @@ from datamodules.blocks_text import BlocksTextDataModule
 from modules.visual_latent import VisualLatentText
 from tests.conftest import StopAfterEpoch, quiet_trainer
 from tests.test_cli import cli
+from tests.test_index_tables import InterruptAtStep, Interrupted
 
 TINY_MODEL = {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64, "dropout": 0.0, "head_dim": 16, "head_depth": 1,
               "head_ffn_dim": 32, "query_channels": 8, "grid_size": 16, "embedding_dim": 32,
@@ -63,23 +64,28 @@ def test_p2_learns_to_retrieve_paraphrases(tmp_path):
     assert trained["val/cos_gap"] > untrained["val/cos_gap"]
 
 
-def test_resume_is_exact(tmp_path):
-    """Interrupted after epoch 1 of 3 and resumed == uninterrupted: weights (EMA included), optimizer,
-    schedule, dropout draws and the gate's streaks."""
+@pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
+def test_resume_is_exact(tmp_path, stop):
+    """Interrupted after epoch 1 of 3, or after the first batch of epoch 2, and resumed ==
+    uninterrupted: weights (EMA included), optimizer, schedule, dropout draws and the gate's streaks."""
 
-    def run(root, interrupt=None, ckpt_path=None):
+    def run(root, interrupt=(), ckpt_path=None):
         L.seed_everything(0)
         model, data = tiny(dropout=0.1)
         gate = PhaseGate("P2", [GateCriterion("alpha", "val/channels_alpha_in_range", ">=", 1.0, 2)])
-        callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True), RandomState(),
-                     EMAWeightAveraging(decay=0.9), gate]
-        callbacks += [StopAfterEpoch(interrupt)] if interrupt is not None else []
+        checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True,
+                                     every_n_train_steps=4 if stop == "mid_epoch" else None)
+        callbacks = [checkpoint, RandomState(), EMAWeightAveraging(decay=0.9), gate, *interrupt]
         fit_trainer = quiet_trainer(3, root, callbacks, limit_train_batches=3, limit_val_batches=1)
         fit_trainer.fit(model, data, ckpt_path=ckpt_path)
         return model, fit_trainer, gate
 
     straight, straight_trainer, straight_gate = run(tmp_path / "straight")
-    run(tmp_path / "resumed", interrupt=0)
+    if stop == "epoch_end":
+        run(tmp_path / "resumed", [StopAfterEpoch(0)])
+    else:
+        with pytest.raises(Interrupted):
+            run(tmp_path / "resumed", [InterruptAtStep(4)])
     resumed, resumed_trainer, resumed_gate = run(tmp_path / "resumed",
                                                  ckpt_path=str(tmp_path / "resumed/checkpoints/last.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
