@@ -9,8 +9,9 @@ and saved by ``save_hyperparameters``, the hyperparameters the base reads:
 * ``warmup_steps``, ``min_lr_factor``: linear warmup, then cosine down to ``min_lr_factor * lr``
   at the last step. Warmup takes at most half of the run (``min(warmup, total // 2)``); a method
   that counts warmup otherwise (TEMI, in epochs) overrides ``requested_warmup_steps``;
-* ``compile``: ``torch.compile`` the modules named in ``NETWORKS`` in ``configure_model``, in
-  place (``nn.Module.compile``), so checkpoints keep the plain parameter names;
+* ``compile``: ``torch.compile`` the modules named in ``NETWORKS`` in ``setup``, in place
+  (``nn.Module.compile``), so checkpoints keep the plain parameter names (not in ``configure_model``,
+  whose override makes ``EMAWeightAveraging`` warn about sharded layers at every fit);
 * ``init_from``, ``init_prefixes``: see ``load_initial_weights``, which the subclass calls at
   the end of its ``__init__``.
 
@@ -73,10 +74,6 @@ class MethodModule(L.LightningModule):
         schedule = warmup_cosine_scheduler(optimizer, warmup, self.total_steps, hp.min_lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
-    def configure_model(self) -> None:
-        if self.hparams.compile:
-            for name in self.NETWORKS:
-                getattr(self, name).compile()
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -139,6 +136,9 @@ class MethodModule(L.LightningModule):
         self._init_data_state = _datamodule_state(checkpoint, path)
 
     def setup(self, stage: str) -> None:
+        if self.hparams.compile:
+            for name in self.NETWORKS:
+                getattr(self, name).compile()  # idempotent: compiling again replaces the wrapper
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if stage == "fit" and datamodule is not None and self._init_data_state is not None:
             datamodule.load_state_dict(self._init_data_state[1])
