@@ -129,6 +129,8 @@ class VisualLatentText(MethodModule):
                                    coordinate_channels),
         )
         self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels))
+        # P1 has no loss on z: a trainable readout would be a parameter DDP waits for in vain.
+        self.readout.requires_grad_(bool(contrastive_weight))
         self.latent_snapshot: LatentSnapshot | None = None
         self.load_initial_weights()
 
