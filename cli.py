@@ -115,6 +115,16 @@ def main(args: list[str] | None = None) -> ProtoCLI:
     )
 
 
+def _close_process_group() -> None:
+    """Lightning destroys an NCCL process group at exit but leaves a gloo one to interpreter
+    teardown, where its threads can abort a finished run ("terminate called without an active
+    exception"); closing it here joins them first."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     try:
         main()
@@ -122,3 +132,5 @@ if __name__ == "__main__":
         # Lightning ends a SIGTERM-ed fit (after its checkpoint) with exit status 0; a preempted run
         # must not read as finished to the next command or the scheduler: 128 + signal, as the shell does.
         sys.exit(128 + signal.SIGTERM)
+    finally:
+        _close_process_group()
