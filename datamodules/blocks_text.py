@@ -174,7 +174,7 @@ class BlocksTextDataModule(IndexTablesDataModule):
             self._encode_all()
         if self.trainer is not None and self.trainer.world_size > 1:
             # Every rank trains the same BPE from the same corpus; rank 0's is made the rule anyway.
-            self.load_state_dict({"tokenizer": self.trainer.strategy.broadcast(self.tokenizer.to_str(), src=0)})
+            self._use_tokenizer(self.trainer.strategy.broadcast(self.tokenizer.to_str(), src=0))
         if stage == "fit" and self.trainer is not None and self.trainer.is_global_zero:
             path = Path(self.trainer.default_root_dir) / "tokenizer.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,10 @@ class BlocksTextDataModule(IndexTablesDataModule):
         """A checkpoint's tokenizer wins over a freshly trained one (ids must mean what they meant);
         the training loader's place in the epoch is the base's."""
         super().load_state_dict(state_dict)
-        saved = state_dict["tokenizer"]
+        self._use_tokenizer(state_dict["tokenizer"])
+
+    def _use_tokenizer(self, saved: str) -> None:
+        """Encode with the tokenizer serialized in ``saved`` (re-encoding only when it differs)."""
         if saved != self.tokenizer.to_str():
             self._tokenizer = Tokenizer.from_str(saved)
             self._encode_all()

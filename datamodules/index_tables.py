@@ -116,13 +116,6 @@ class IndexTablesDataModule(L.LightningDataModule):
         trainer = self.trainer
         resuming = trainer is not None and trainer.ckpt_path is not None and trainer.state.fn == TrainerFn.FITTING
         self._train_place = state_dict.get("train_loader") if resuming else None
-        if self._train_loader is not None:
-            self._restore_train_place()
-
-    def _restore_train_place(self) -> None:
-        if self._train_place is not None:
-            self._train_loader.load_state_dict(self._train_place)
-            self._train_place = None
 
     # ---- loaders ---------------------------------------------------------------------------
     def train_sampler(self, num_items: int, rank: int, world_size: int) -> EpochPermutation:
@@ -135,7 +128,9 @@ class IndexTablesDataModule(L.LightningDataModule):
         """Shuffled full batches, a new order each epoch, resumable mid-epoch."""
         self._train_loader = IndexBatchLoader(self.train_sampler(num_items, *rank_and_world(self.trainer)), draw,
                                               host_fields)
-        self._restore_train_place()
+        if self._train_place is not None:  # Lightning restores the datamodule before building loaders
+            self._train_loader.load_state_dict(self._train_place)
+            self._train_place = None
         return self._train_loader
 
     def eval_loader(self, num_items: int, draw: ItemDraw | None = None,
