@@ -47,8 +47,6 @@ from clustering.prototypes import PrototypeMemory, first_of_each_index
 from datamodules.index_tables import resolve_seed
 from modules.distributed import gather_rows
 
-__all__ = ["ClusterAssignment", "check_same_training_set", "first_of_each_index"]
-
 
 def check_same_training_set(assignments_path: str, fingerprint: str | None) -> None:
     """Refuse assignments made from other samples of the same count (another toy seed, another
@@ -87,7 +85,6 @@ class ClusterAssignment(Callback):
         self.assignments: torch.Tensor | None = None
         self.prototypes: PrototypeMemory | None = None  # the callback's own, without prototypes_attr
         self.computed_at_epoch = -1
-        self.restored = False  # assignments loaded from a checkpoint, not yet handed to the data
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -108,9 +105,10 @@ class ClusterAssignment(Callback):
                                  f"ClusterAssignment makes num_clusters={self.num_clusters}")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.restored and self.assignments is not None:
+        # Ids restored from a checkpoint reach the data here too: a mid-epoch resume skips the
+        # resumed epoch's start (a fresh k-means run has none yet; a precomputed file repeats a swap).
+        if self.assignments is not None:
             trainer.datamodule.set_cluster_assignments(self.assignments)
-        self.restored = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -159,7 +157,6 @@ class ClusterAssignment(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.assignments, self.computed_at_epoch = state_dict["assignments"], state_dict["computed_at_epoch"]
-        self.restored = True
         saved = state_dict.get("prototypes")
         if saved is not None:
             self.prototypes = PrototypeMemory(*saved["prototypes"].shape)

@@ -39,8 +39,9 @@ def feature_pass(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[N
     the precision plugin's forward context (autocast under ``*-mixed``), global RNG restored."""
     modes = [(module, module.training) for module in pl_module.modules()]
     pl_module.eval()
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []  # the CPU generator is always kept
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), trainer.precision_plugin.forward_context():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
             yield
     finally:
         for module, training in modes:

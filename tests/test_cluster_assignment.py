@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from callbacks.cluster_assignment import ClusterAssignment, first_of_each_index
+from callbacks.cluster_assignment import ClusterAssignment
 from callbacks.random_state import RandomState
 from clustering.kmeans import kmeans, kmeans_sample, read_assignments, write_assignments
-from clustering.prototypes import PrototypeMemory
+from clustering.prototypes import PrototypeMemory, first_of_each_index
 from datamodules.flow_data import FlowDataModule
 from tests.conftest import quiet_trainer
 from tests.test_cli import cli
