@@ -62,7 +62,6 @@ class IndexTablesDataModule(L.LightningDataModule):
     def __init__(self) -> None:
         super().__init__()
         self._device_tables: dict[tuple[str, torch.device], Tables] = {}
-        self._train_loader: IndexBatchLoader | None = None
         self._train_place: dict[str, int] | None = None  # restored, for the next training loader
 
     def resolve_data_seed(self) -> None:
@@ -105,7 +104,10 @@ class IndexTablesDataModule(L.LightningDataModule):
 
     # ---- the training loader's place, carried in the datamodule's checkpoint state -------------
     def state_dict(self) -> dict:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+        # The loader the fit iterates, not the latest one built: a callback may build its own (a
+        # prototype refresh reading features), whose place means nothing to a resume.
+        loader = self.trainer.train_dataloader if self.trainer is not None else None
+        return {"train_loader": loader.state_dict()} if isinstance(loader, IndexBatchLoader) else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resuming a fit: the training loader continues the saved epoch after its last handed-out batch.
@@ -126,12 +128,11 @@ class IndexTablesDataModule(L.LightningDataModule):
     def train_loader(self, num_items: int, draw: ItemDraw | None = None,
                      host_fields: HostFields | None = None) -> IndexBatchLoader:
         """Shuffled full batches, a new order each epoch, resumable mid-epoch."""
-        self._train_loader = IndexBatchLoader(self.train_sampler(num_items, *rank_and_world(self.trainer)), draw,
-                                              host_fields)
+        loader = IndexBatchLoader(self.train_sampler(num_items, *rank_and_world(self.trainer)), draw, host_fields)
         if self._train_place is not None:  # Lightning restores the datamodule before building loaders
-            self._train_loader.load_state_dict(self._train_place)
+            loader.load_state_dict(self._train_place)
             self._train_place = None
-        return self._train_loader
+        return loader
 
     def eval_loader(self, num_items: int, draw: ItemDraw | None = None,
                     host_fields: HostFields | None = None) -> IndexBatchLoader:

@@ -147,6 +147,23 @@ def test_a_fit_stopped_mid_epoch_resumes_exactly(tmp_path, every):
     assert not weights_match(straight, stateless)
 
 
+class ReadsItsOwnLoader(Callback):
+    """Builds and reads a training loader of its own before every step, as a feature pass would."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        next(iter(trainer.datamodule.train_dataloader()))
+
+
+def test_the_saved_place_is_the_fits_loader_not_one_a_callback_built(tmp_path):
+    data = FlowDataModule(dataset="moons", num_train=320, num_eval=64, batch_size=32)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=13)
+    quiet_trainer(2, tmp_path, [checkpoint, ReadsItsOwnLoader()], max_steps=13,
+                  limit_val_batches=0).fit(FlowProbe(), data)
+    saved = torch.load(tmp_path / "epoch=1-step=13.ckpt", weights_only=False)
+    assert saved["global_step"] == 13
+    assert saved["FlowDataModule"] == {"train_loader": {"epoch": 1, "batches_yielded": 3}}
+
+
 def test_batches_gathered_by_hand_after_fit_read_the_evaluation_tables(tmp_path):
     data = FlowDataModule(dataset="moons", num_train=320, num_eval=64, batch_size=32)
     quiet_trainer(1, tmp_path, limit_train_batches=2, limit_val_batches=0, enable_checkpointing=False).fit(
