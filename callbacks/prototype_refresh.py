@@ -14,7 +14,8 @@ refreshes the memory by one of ``clustering.prototypes``' rules:
 The loader is ``loader_method()`` of the module when named, else a fresh
 ``datamodule.train_dataloader()`` (never the loader the fit is iterating). The step or epoch of
 the latest refresh is checkpointed, so a resumed run refreshes where the uninterrupted one does;
-the memory itself is in the module's ``state_dict``.
+the memory itself is in the module's ``state_dict``. After each refresh, ``report_method()`` of the
+module (when named) is called on every rank, e.g. to log what the prototypes hold.
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ class PrototypeRefresh(Callback):
             ``train_dataloader()``.
         seed, niter, max_points_per_centroid: of the ``kmeans`` rule; ``seed=None`` takes the
             global seed of ``seed_everything`` (else 0).
+        report_method: module method called without arguments after every refresh, on every rank.
     """
 
     def __init__(self, memory_attr: str = "prototypes", features_method: str = "prototype_features",
                  rule: Literal["means", "kmeans"] = "means", every_n_steps: int = 0, every_n_epochs: int = 0,
                  momentum: float = 0.0, normalize: bool = False, loader_method: str | None = None,
                  seed: int | None = None, niter: int = 25,
-                 max_points_per_centroid: int = MAX_POINTS_PER_CENTROID) -> None:
+                 max_points_per_centroid: int = MAX_POINTS_PER_CENTROID, report_method: str | None = None) -> None:
         if rule not in ("means", "kmeans"):
             raise ValueError(f"PrototypeRefresh rule must be 'means' or 'kmeans', got {rule!r}")
         if (every_n_steps > 0) == (every_n_epochs > 0) or min(every_n_steps, every_n_epochs) < 0:
@@ -87,6 +89,7 @@ class PrototypeRefresh(Callback):
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.momentum, self.normalize, self.loader_method = momentum, normalize, loader_method
         self.seed, self.niter, self.max_points_per_centroid = seed, niter, max_points_per_centroid
+        self.report_method = report_method
         self.last_refresh = -1  # the step (or epoch) of the latest refresh
 
     @property
@@ -97,7 +100,7 @@ class PrototypeRefresh(Callback):
         if stage != "fit":
             return
         memory_of(pl_module, self.memory_attr)
-        for name in filter(None, (self.features_method, self.loader_method)):
+        for name in filter(None, (self.features_method, self.loader_method, self.report_method)):
             if not callable(getattr(pl_module, name, None)):
                 raise TypeError(f"PrototypeRefresh needs the method {type(pl_module).__name__}.{name}()")
         if self.loader_method is None and trainer.datamodule is None:
@@ -128,6 +131,8 @@ class PrototypeRefresh(Callback):
                 features, indices = (torch.cat(part) for part in zip(*self._features(trainer, pl_module)))
                 memory.refresh_kmeans(features.flatten(1), indices, seed=resolve_seed(self.seed), niter=self.niter,
                                       max_points_per_centroid=self.max_points_per_centroid)
+        if self.report_method:
+            getattr(pl_module, self.report_method)()
 
     def _refresh_means(self, memory: PrototypeMemory, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         sums = torch.zeros(memory.prototypes.shape, device=memory.prototypes.device)

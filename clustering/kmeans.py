@@ -174,9 +174,11 @@ def kmeans(
     data = np.ascontiguousarray(features.numpy(), dtype=np.float32)
     # One GPU, not faiss's ``True`` (every visible GPU): under DDP the others belong to other ranks.
     gpus = 1 if _use_gpu(gpu) else False
+    # faiss reads min_points_per_centroid only to print a hint on stderr below 39 points a cluster,
+    # which k-means over a handful of label texts (spec 002's prototypes) would print at every refresh.
     clusterer = faiss.Kmeans(
         data.shape[1], num_clusters, niter=niter, nredo=nredo, seed=seed, verbose=False, gpu=gpus,
-        max_points_per_centroid=max_points_per_centroid,
+        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
     )
     clusterer.train(data)
     centroids = torch.from_numpy(np.array(clusterer.centroids, dtype=np.float32))
