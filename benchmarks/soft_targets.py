@@ -60,8 +60,7 @@ def fit_and_test(kind: str, seed: int, data_args: list[str], extra: list[str], c
         args += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
                  "--data.init_args.text_cache_dir", cache, "--trainer.default_root_dir", root,
                  "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                 "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
-                 "--last_checkpoint.save_last", "false", *data_args, *extra]
+                 "--trainer.enable_model_summary", "false", *data_args, *extra]
         start = time.perf_counter()
         cli = cli_main(args)
         seconds = time.perf_counter() - start
