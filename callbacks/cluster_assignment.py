@@ -25,7 +25,7 @@ epoch start, before the epoch's batches are drawn, and, on a resume, at train st
 resumes an epoch checkpointed part-way without ``on_train_epoch_start``, and the loader draws the
 rest of that epoch from the restored ids (``datamodules.index_batches.IndexBatchLoader``).
 
-What the pair must provide: the datamodule ``num_train_items``, ``cluster_dataloader()``
+What the pair must provide: the datamodule ``num_train_items``, ``training_items_dataloader()``
 (batches with ``index``, covering every training item) and ``set_cluster_assignments(ids)``;
 the module ``cluster_features(batch) -> [B, D]``.
 """
@@ -90,7 +90,7 @@ class ClusterAssignment(Callback):
         if stage != "fit":
             return
         if not hasattr(trainer.datamodule, "set_cluster_assignments"):
-            raise TypeError("ClusterAssignment needs a datamodule with num_train_items, cluster_dataloader() and "
+            raise TypeError("ClusterAssignment needs a datamodule with num_train_items, training_items_dataloader() and "
                             f"set_cluster_assignments(); got {type(trainer.datamodule).__name__}")
         num_items = trainer.datamodule.num_train_items
         if self.assignments_path is not None:
@@ -130,7 +130,7 @@ class ClusterAssignment(Callback):
         indices, clusters = first_of_each_index(gather_rows(pl_module, indices), gather_rows(pl_module, clusters))
         if len(indices) != num_items:
             raise RuntimeError(f"features of {len(indices)} items were computed; the training set has "
-                               f"{num_items} (cluster_dataloader must cover every item)")
+                               f"{num_items} (training_items_dataloader must cover every item)")
         self.assignments = clusters.cpu()
         rank_zero_info(f"k-means: {int((memory.counts > 0).sum())} clusters of {num_items} items, fitted on "
                        f"{int(memory.counts.sum())} of them")
@@ -145,7 +145,7 @@ class ClusterAssignment(Callback):
     @staticmethod
     def _features(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         indices, features = [], []
-        for batch in trainer.datamodule.cluster_dataloader():
+        for batch in trainer.datamodule.training_items_dataloader():
             batch = trainer.strategy.batch_to_device(batch)
             indices.append(batch["index"])
             features.append(pl_module.cluster_features(batch).flatten(1))

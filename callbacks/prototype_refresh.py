@@ -11,8 +11,10 @@ refreshes the memory by one of ``clustering.prototypes``' rules:
 * ``kmeans``: ``features_method(batch) -> (features [B, D], dataset indices [B])``, faiss k-means
   on rank 0 over a bounded sample of the items, broadcast.
 
-The loader is ``loader_method()`` of the module when named, else a fresh
-``datamodule.train_dataloader()`` (never the loader the fit is iterating). The step or epoch of
+The loader is ``loader_method()`` of the module when named, else the datamodule's
+``training_items_dataloader()`` (every training item once, without the training draws; see
+``datamodules.index_tables``), else a fresh ``train_dataloader()``, never the loader the fit is
+iterating. The step or epoch of
 the latest refresh is checkpointed, so a resumed run refreshes where the uninterrupted one does;
 the memory itself is in the module's ``state_dict``. After each refresh, ``report_method()`` of the
 module (when named) is called on every rank, e.g. to log what the prototypes hold.
@@ -67,7 +69,7 @@ class PrototypeRefresh(Callback):
         every_n_steps, every_n_epochs: the refresh period; exactly one of the two is positive.
         momentum, normalize: of the ``means`` rule.
         loader_method: module method returning the batches to read; default the datamodule's
-            ``train_dataloader()``.
+            ``training_items_dataloader()`` (else its ``train_dataloader()``).
         seed, niter, max_points_per_centroid: of the ``kmeans`` rule; ``seed=None`` takes the
             global seed of ``seed_everything`` (else 0).
         report_method: module method called without arguments after every refresh, on every rank.
@@ -104,7 +106,7 @@ class PrototypeRefresh(Callback):
             if not callable(getattr(pl_module, name, None)):
                 raise TypeError(f"PrototypeRefresh needs the method {type(pl_module).__name__}.{name}()")
         if self.loader_method is None and trainer.datamodule is None:
-            raise TypeError("PrototypeRefresh reads the datamodule's train_dataloader(); without a datamodule, "
+            raise TypeError("PrototypeRefresh reads the datamodule's training items; without a datamodule, "
                             "name a module method returning the batches with loader_method=")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,8 +146,11 @@ class PrototypeRefresh(Callback):
         memory.update_means(sums, counts, momentum=self.momentum, normalize=self.normalize)
 
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = (getattr(pl_module, self.loader_method)() if self.loader_method
-                  else trainer.datamodule.train_dataloader())
+        if self.loader_method:
+            loader = getattr(pl_module, self.loader_method)()
+        else:
+            datamodule = trainer.datamodule
+            loader = getattr(datamodule, "training_items_dataloader", datamodule.train_dataloader)()
         compute = getattr(pl_module, self.features_method)
         for batch in loader:
             yield compute(trainer.strategy.batch_to_device(batch))

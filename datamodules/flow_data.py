@@ -16,7 +16,7 @@ item 7). ``samples_per_cluster > 0`` switches training batches to cluster-mates
 (``datamodules.cluster_batches``). Evaluation batches draw ``x0`` from a fixed generator, so
 every evaluation starts from the same noise.
 
-For the ``ClusterAssignment`` callback this datamodule provides ``cluster_dataloader()``,
+For the ``ClusterAssignment`` callback this datamodule provides ``training_items_dataloader()``,
 ``num_train_items``, ``set_cluster_assignments(ids)`` and ``train_fingerprint``.
 """
 
@@ -203,10 +203,6 @@ class FlowDataModule(IndexTablesDataModule):
         return self.eval_loader(len(self.eval_split["x"]), draw)
 
     val_dataloader = test_dataloader = predict_dataloader = _eval_loader
-
-    def cluster_dataloader(self) -> IndexBatchLoader:
-        """Every training item once, in order, sharded over ranks: what cluster features are computed on."""
-        return self.eval_loader(self.num_train_items)
 
     def host_tables(self, split: str) -> Tables:
         if split == "eval":

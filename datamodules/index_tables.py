@@ -134,6 +134,17 @@ class IndexTablesDataModule(L.LightningDataModule):
             self._train_place = None
         return loader
 
+    @property
+    def num_train_items(self) -> int:
+        return len(next(iter(self.host_tables("train").values())))
+
+    def training_items_dataloader(self) -> IndexBatchLoader:
+        """Every training item once, in index order, in contiguous shards over ranks, without the
+        training draws (no shuffle, no dropped remainder, no augmentation): what cluster assignments
+        and prototype refreshes read features from. A datamodule whose training batches cannot be
+        gathered without their draws overrides it."""
+        return self.eval_loader(self.num_train_items)
+
     def eval_loader(self, num_items: int, draw: ItemDraw | None = None,
                     host_fields: HostFields | None = None) -> IndexBatchLoader:
         """Every item once, in order, in contiguous shards over ranks."""

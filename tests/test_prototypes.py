@@ -249,3 +249,36 @@ def test_kmeans_rule_clusters_the_module_features_at_each_epoch_start(tmp_path):
     with torch.no_grad():
         expected = kmeans(untrained.layer(PointsData().points), 3, seed=1, max_points_per_centroid=10, gpu=False)
     assert torch.equal(model.clusters.prototypes, expected.centroids) and model.clusters.counts.sum() == 30
+
+
+class EmbeddingMeans(L.LightningModule):
+    """k-means prototypes of the raw embeddings, read through the datamodule's default loader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(16, 2)
+        self.clusters = PrototypeMemory(4, 16)
+
+    @staticmethod
+    def prototype_features(batch):
+        return batch["x"], batch["index"]
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["x"]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_the_default_loader_reads_every_training_item_once(blob_files, tmp_path):
+    """160 items in batches of 48: training drops 16 of them each epoch, the refresh reads all 160."""
+    from datamodules.embeddings import EmbeddingsDataModule
+
+    data = EmbeddingsDataModule(embeddings=str(blob_files["embeddings"]), labels=str(blob_files["labels"]),
+                                batch_size=48, knn=5, seed=0)
+    model = EmbeddingMeans()
+    refresh = PrototypeRefresh(memory_attr="clusters", rule="kmeans", every_n_epochs=1, seed=0)
+    quiet_trainer(1, tmp_path, [refresh], limit_val_batches=0, enable_checkpointing=False).fit(model, data)
+    expected = kmeans(data.train_split["x"], 4, seed=0, gpu=False)
+    assert model.clusters.counts.sum() == 160
+    assert torch.equal(model.clusters.prototypes, expected.centroids)
