@@ -134,10 +134,7 @@ class IMUTextAlignment(MethodModule):
     def report_label_clusters(self) -> None:
         """After a refresh: each label's prototype for the targets, and the spec's monitoring lines."""
         self.refreshes += 1
-        labels = self.label_embeddings()
-        cluster_of_label = self.label_prototypes.nearest(labels)
-        rows = self.label_prototypes.rows_of(cluster_of_label)
-        self.prototype_of_label = self.label_prototypes.prototypes[rows].clone()
+        cluster_of_label = self.assign_label_prototypes()
         seen = self.trainer.datamodule.seen_label_ids.tolist()
         names = self.trainer.datamodule.label_names
         clusters = {int(key): [names[i] for i in seen if int(cluster_of_label[i]) == int(key)]
@@ -152,10 +149,16 @@ class IMUTextAlignment(MethodModule):
                                  data=[[self.refreshes, self.global_step, key, ", ".join(members)]
                                        for key, members in clusters.items()])
 
+    def assign_label_prototypes(self) -> torch.Tensor:
+        """Every label's nearest prototype into ``prototype_of_label``; returns each label's cluster key."""
+        cluster_of_label = self.label_prototypes.nearest(self.label_embeddings())
+        self.prototype_of_label = self.label_prototypes.prototypes[self.label_prototypes.rows_of(cluster_of_label)]
+        return cluster_of_label
+
     def on_train_start(self) -> None:
+        # A resumed fit restores the memory, not this derived table (a refresh may not be due yet).
         if self.hparams.target_mode in PROTOTYPE_MODES and bool((self.label_prototypes.counts > 0).any()):
-            self.prototype_of_label = self.label_prototypes.prototypes[
-                self.label_prototypes.rows_of(self.label_prototypes.nearest(self.label_embeddings()))].clone()
+            self.assign_label_prototypes()
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:

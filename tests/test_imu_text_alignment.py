@@ -3,6 +3,7 @@ prototypes and their refresh (also under two-process DDP), exact resume, and cle
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import lightning as L
@@ -10,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from callbacks.alignment_report import AlignmentReport
 from callbacks.prototype_refresh import PrototypeRefresh
 from callbacks.random_state import RandomState
 from clustering.kmeans import kmeans
@@ -63,12 +65,16 @@ def test_smoke_fit_learns_zero_shot_recognition(har_root, text_cache, tmp_path, 
     data = data_for(har_root, text_cache)
     model = model_for(data, target_mode=mode, num_prototypes=3)
     record = RecordLoss()
-    trainer = quiet_trainer(4, tmp_path, [label_refresh(), record], enable_checkpointing=False)
+    trainer = quiet_trainer(4, tmp_path, [label_refresh(), record, AlignmentReport()], enable_checkpointing=False)
     trainer.fit(model, data)
     metrics = trainer.test(model, data, verbose=False)[0]
     assert sum(record.losses[-5:]) / 5 < 0.8 * sum(record.losses[:5]) / 5  # the loss falls
     assert metrics["test/accuracy"] > 0.6  # chance is 1/5
     assert metrics["test/recall_at_2"] >= metrics["test/accuracy"]
+    plots = sorted(path.name for path in (tmp_path / "plots").iterdir())
+    assert plots == ["test_confusion.png", "test_map.png", "val_confusion.png", "val_map.png"]
+    stats = json.loads((tmp_path / "channel_stats.json").read_text())
+    assert stats == data.channel_stats() and len(stats["mean"]) == data.num_channels
 
 
 def test_prototypes_cluster_the_seen_label_texts_and_are_logged(har_root, text_cache, tmp_path, caplog):
