@@ -23,7 +23,7 @@ demo: setup
 	ls $(DEMO_DIR)/plots/*_latest.png
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers (pytest-xdist): most tests wait on subprocess start-up, one core each
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,5 @@
-"""Shared test setup: W&B disabled, two CPU threads, small data written in the real formats."""
+"""Shared test setup: W&B disabled, two CPU threads (one per worker when pytest-xdist runs two), small
+data written in the real formats."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from pathlib import Path
 
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (``make test`` runs two workers) each worker and the processes it launches take
+# one thread, so two workers do not fight over two cores.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
@@ -15,7 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 

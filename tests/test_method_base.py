@@ -55,6 +55,15 @@ class TinyMethod(MethodModule):
             json.dump(result | {"index": outputs["index"].tolist()}, file)
 
 
+class CloseProcessGroup(L.Callback):
+    """Closes the spawned ranks' gloo group before their interpreters exit: left to teardown, its
+    threads can abort a finished rank ("terminate called without an active exception")."""
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def loader(n: int = 6) -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(n, 2), torch.arange(n)), batch_size=4)
 
@@ -77,7 +86,7 @@ def test_every_rank_gets_the_whole_evaluation_set_also_when_its_shard_is_empty(t
     """2 DDP processes; rank 1 collects nothing yet takes part in the gather with empty rows of the right shape."""
     model = TinyMethod(result_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False)
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[CloseProcessGroup()])
     trainer.validate(model, loader(6), verbose=False)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0] == ranks[1]
