@@ -88,6 +88,9 @@ class IMUTextAlignment(MethodModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if not hasattr(self.trainer.datamodule, "label_embeddings"):
+            raise TypeError(f"{type(self).__name__} reads the label texts from its datamodule: pair it with "
+                            "datamodules.imu_windows.IMUTextDataModule (label_embeddings, seen_label_ids)")
         seen = len(self.trainer.datamodule.seen_label_ids)
         if stage == "fit" and self.hparams.num_prototypes > seen:
             raise ValueError(f"model.num_prototypes={self.hparams.num_prototypes} exceeds the {seen} activities "
@@ -161,6 +164,12 @@ class IMUTextAlignment(MethodModule):
             self.assign_label_prototypes()
 
     # ---- evaluation ----------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Each test window's nearest label text among the test split's labels (``DIR/predictions.csv``)."""
+        candidates = self.trainer.datamodule.split_labels("test").unique().to(self.device)
+        scores = self.embed(batch["window"]) @ self.label_embeddings()[candidates].T
+        return {"index": batch["index"], "label": batch["label"], "predicted": candidates[scores.argmax(dim=1)]}
+
     def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"embedding": self.embed(batch["window"]), "label": batch["label"]}
 

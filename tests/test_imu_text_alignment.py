@@ -71,6 +71,9 @@ def test_smoke_fit_learns_zero_shot_recognition(har_root, text_cache, tmp_path, 
     assert sum(record.losses[-5:]) / 5 < 0.8 * sum(record.losses[:5]) / 5  # the loss falls
     assert metrics["test/accuracy"] > 0.6  # chance is 1/5
     assert metrics["test/recall_at_2"] >= metrics["test/accuracy"]
+    predicted = trainer.predict(model, data)
+    hits = torch.cat([batch["predicted"] == batch["label"] for batch in predicted])
+    assert len(hits) == 100 and hits.float().mean().item() == pytest.approx(metrics["test/accuracy"])
     plots = sorted(path.name for path in (tmp_path / "plots").iterdir())
     assert plots == ["test_confusion.png", "test_map.png", "val_confusion.png", "val_map.png"]
     stats = json.loads((tmp_path / "channel_stats.json").read_text())
