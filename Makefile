@@ -22,8 +22,9 @@ demo: setup
 	cat $(DEMO_DIR)/gate_report.json
 	ls $(DEMO_DIR)/plots/*_latest.png
 
+# Two pytest-xdist workers of one thread each: most of the suite waits on subprocesses starting up.
 test: setup
-	$(PY) -m pytest -q -n 2  # two workers (pytest-xdist): most tests wait on subprocess start-up, one core each
+	$(PY) -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) runs

@@ -207,11 +207,20 @@ class BlocksTextDataModule(IndexTablesDataModule):
         RunningStage.TESTING: "test", RunningStage.PREDICTING: "test", None: "val",
     }
 
-    def train_dataloader(self) -> IndexBatchLoader:
-        views = self._tensors["train_views"]
-        draw = view_pair_draw(views.shape[1], self._tensors["train_counterfactuals"].shape[1],
+    def _view_draw(self):
+        return view_pair_draw(self._tensors["train_views"].shape[1], self._tensors["train_counterfactuals"].shape[1],
                               self.hparams.counterfactuals_per_anchor)
-        return self.train_loader(len(views), draw, self._train_widths)
+
+    def train_dataloader(self) -> IndexBatchLoader:
+        return self.train_loader(self.num_train_items, self._view_draw(), self._train_widths)
+
+    def training_items_dataloader(self) -> IndexBatchLoader:
+        """Every training scene once, in order, with the view pairs and widths its gather needs."""
+        return self.eval_loader(self.num_train_items, self._view_draw(), self._train_widths)
+
+    @property
+    def num_train_items(self) -> int:
+        return len(self._tensors["train_views"])
 
     def val_dataloader(self) -> IndexBatchLoader:
         return self.eval_loader(len(self._tensors["val_sentence"]), host_fields=self._eval_widths("val"))

@@ -140,3 +140,10 @@ def test_the_checkpoint_tokenizer_wins(datamodule, tmp_path):
     assert from_file.tokenizer.to_str() == Tokenizer.from_file(str(path)).to_str()
     with pytest.raises(FileNotFoundError, match="missing.json"):
         BlocksTextDataModule(**(SMALL_DATA | {"tokenizer_file": str(tmp_path / "missing.json")})).tokenizer
+
+
+def test_training_items_are_read_once_in_order_with_their_views(datamodule):
+    batches = [datamodule.gather(batch, "train") for batch in datamodule.training_items_dataloader()]
+    indices = torch.cat([batch["index"] for batch in batches])
+    assert torch.equal(indices, torch.arange(datamodule.num_train_items))
+    assert all(batch["view_a"].shape[0] == len(batch["index"]) for batch in batches)
