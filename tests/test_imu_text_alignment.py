@@ -169,3 +169,15 @@ def test_two_process_ddp_refreshes_identical_prototypes(har_root, text_cache, tm
     expected = kmeans(data.label_embeddings[data.seen_label_ids], 3, seed=0).centroids
     assert torch.allclose(state["label_prototypes.prototypes"], expected)
     assert (root / "channel_stats.json").exists()
+
+
+@pytest.mark.parametrize("config", ["configs/imu_text.yaml", "configs/imu_supervised.yaml"])
+def test_spec_sized_configs_run_one_step(har_root, text_cache, tmp_path, config):
+    """The GPU-sized defaults (width 256, 4 layers) through one step and one evaluation, in process."""
+    from cli import main as cli_main
+
+    cli = cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.fast_dev_run", "1", "--trainer.logger", "false", "--data.init_args.data_dir", str(har_root),
+                    "--data.init_args.text_cache_dir", text_cache, "--data.init_args.batch_size", "16"])
+    assert cli.model.encoder.width == 256 and len(cli.model.encoder.transformer.layers) == 4
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/accuracy"]) <= 1.0
