@@ -39,7 +39,7 @@ DEFAULTS = Path(__file__).resolve().parent / "configs" / "defaults.yaml"
 
 # Values that follow from the data, linked from the datamodule to the model when both have them.
 DATA_LINKS = ("input_dim", "num_clusters", "num_classes", "batch_size", "vocab_size", "max_length", "sample_shape",
-              "num_channels", "window_length", "text_dim", "num_labels")
+              "num_channels", "window_length", "text_dim", "num_labels", "embedding_dim", "num_attributes")
 
 
 class ProtoCLI(LightningCLI):
