@@ -5,13 +5,14 @@
 
 Each flow fit runs what the command line runs (``cli.py fit`` with ``configs/attribute_flow.yaml`` plus
 ``configs/profiles/attribute_flow_cpu.yaml``); ``flow`` has the default prototypes (means of real
-embeddings), ``flow_spec`` the spec's literal ones (batch means of the flowed points). Baselines on the
+embeddings), ``flow_supcon`` adds the pairwise term, ``flow_spec`` is the document's literal form. Baselines on the
 same data and targets: ``noop`` (z unchanged), ``linear`` (per-attribute difference of class means of
 real training embeddings, strength chosen on validation), ``nearest`` (the nearest real training
 embedding with exactly the target attributes); and, where the data knows it, ``counterfactual``, the
 true counterfactual embedding itself, which shows each metric's ceiling. Every method is scored on the held-out test items by
-``modules.attribute_transfer.transfer_metrics`` with logistic probes fitted on the probe split's real
-embeddings only. Prints markdown tables (mean ± std over seeds) and writes
+``modules.attribute_transfer.transfer_metrics`` with standardized logistic probes fitted on the probe
+split's real embeddings only; the flipped and kept accuracies are also given by plain probes (fitted
+on the raw embeddings), whose disagreement shows points that left the real data. Prints markdown tables (mean ± std over seeds) and writes
 ``{"results": [{"method", "seed", "flipped_accuracy", "kept_accuracy", "all_correct",
 "cos_to_counterfactual", "nn_uniqueness", ...}], "summary": [...]}``.
 """
