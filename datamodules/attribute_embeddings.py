@@ -36,7 +36,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from clustering.attributes import check_binary, flip_attributes
 from datamodules.arrays import archive_keys, as_embeddings, load_array
 from datamodules.index_batches import IndexBatchLoader, ItemDraw
-from datamodules.index_tables import IndexTablesDataModule, Tables
+from datamodules.index_tables import TRAIN_VAL_TEST_SPLITS, IndexTablesDataModule, Tables
 from text.blocks.attributes import (
     DEFAULT_SCHEMA,
     AttributeItem,
@@ -240,14 +240,7 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
         text_cache_dir: where the block-world sentence embeddings are cached.
     """
 
-    STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = {
-        RunningStage.TRAINING: "train",
-        RunningStage.SANITY_CHECKING: "val",
-        RunningStage.VALIDATING: "val",
-        RunningStage.TESTING: "test",
-        RunningStage.PREDICTING: "test",
-        None: "test",
-    }
+    STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = TRAIN_VAL_TEST_SPLITS
 
     def __init__(
         self,

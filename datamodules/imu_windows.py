@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import RunningStage
 
 from datamodules.har_files import WindowSet, read_windows
 from datamodules.index_batches import IndexBatchLoader, ItemDraw
-from datamodules.index_tables import IndexTablesDataModule, Tables
+from datamodules.index_tables import TRAIN_VAL_TEST_SPLITS, IndexTablesDataModule, Tables
 from text.activity_text import activity_text, describe_activity
 from text.sentence_embeddings import embed_sentences
 
@@ -128,14 +128,7 @@ class IMUTextDataModule(IndexTablesDataModule):
         text_cache_dir: where the description embeddings are cached.
     """
 
-    STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = {
-        RunningStage.TRAINING: "train",
-        RunningStage.SANITY_CHECKING: "val",
-        RunningStage.VALIDATING: "val",
-        RunningStage.TESTING: "test",
-        RunningStage.PREDICTING: "test",
-        None: "test",
-    }
+    STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = TRAIN_VAL_TEST_SPLITS
 
     def __init__(
         self,

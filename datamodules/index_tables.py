@@ -33,6 +33,18 @@ from datamodules.index_batches import EpochPermutation, HostFields, IndexBatchLo
 Tables = dict[str, torch.Tensor]
 
 
+# The stage-to-split map of datamodules with separate validation and test splits; a trainer between
+# runs (``None``) reads the test tables.
+TRAIN_VAL_TEST_SPLITS: dict[RunningStage | None, str] = {
+    RunningStage.TRAINING: "train",
+    RunningStage.SANITY_CHECKING: "val",
+    RunningStage.VALIDATING: "val",
+    RunningStage.TESTING: "test",
+    RunningStage.PREDICTING: "test",
+    None: "test",
+}
+
+
 def resolve_seed(seed: int | None) -> int:
     """``seed`` itself, else the global seed of ``seed_everything``, else 0."""
     if seed is not None:
