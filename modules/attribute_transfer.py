@@ -32,15 +32,21 @@ from sklearn.metrics import silhouette_score
 from clustering.attributes import combination_codes
 from clustering.kmeans import kmeans
 
+STD_FLOOR_SHARE = 0.1
+
 
 def fit_probes(real_embeddings: torch.Tensor, real_attributes: torch.Tensor, c: float = 1.0, seed: int = 0,
                standardize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One logistic probe per attribute on standardized real embeddings; returns weights ``[A, D]`` and
     biases ``[A]`` on the raw embeddings (the standardization folded in). Standardizing matters for
     attributes a few coordinates carry (a plain probe read the block world's shape binding at 0.93);
-    ``standardize=False`` fits on the raw embeddings."""
+    ``standardize=False`` fits on the raw embeddings. The scale of a coordinate is floored at
+    ``STD_FLOOR_SHARE`` of the median coordinate's: sentence embeddings have coordinates that are all
+    but constant over real data (MiniLM: a standard deviation of 1e-33 on the block world), and dividing
+    by that would make the probe read any moved point by its noise there alone."""
     features = real_embeddings.double()
-    mean, std = features.mean(dim=0), features.std(dim=0).clamp(min=1e-8)
+    std = features.std(dim=0)
+    mean, std = features.mean(dim=0), std.clamp(min=STD_FLOOR_SHARE * float(std.median()))
     if not standardize:
         mean, std = torch.zeros_like(mean), torch.ones_like(std)
     standardized = ((features - mean) / std).numpy()

@@ -71,3 +71,15 @@ def test_baselines_move_toward_the_target_attributes():
     assert noop["nearest_real_correct"] == 0.0 and noop["movement"] == pytest.approx(0.0, abs=1e-6)
     assert noop["flipped_accuracy"] < 0.05
     assert 0.0 <= noop["counterfactual_rank"] <= 1.0
+
+
+def test_a_constant_coordinate_of_real_data_does_not_steer_the_probes():
+    """Real embeddings with a coordinate that never varies: a point nudged along it reads as before."""
+    z, attributes = axis_data()
+    z = torch.cat([z * 0.75**0.5, torch.full((len(z), 1), 0.5)], dim=1)  # unit rows, the last coordinate fixed
+    probes = fit_probes(z, attributes)
+    nudged = z.clone()
+    nudged[:, -1] += 0.05
+    before = probe_metrics(z, attributes, attributes, *probes, NAMES)["kept_accuracy"]
+    after = probe_metrics(nudged, attributes, attributes, *probes, NAMES)["kept_accuracy"]
+    assert after == pytest.approx(before, abs=0.02)
