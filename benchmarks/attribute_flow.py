@@ -12,7 +12,7 @@ embedding with exactly the target attributes); and, where the data knows it, ``c
 true counterfactual embedding itself, which shows each metric's ceiling. Every method is scored on the held-out test items by
 ``modules.attribute_transfer.transfer_metrics`` with standardized logistic probes fitted on the probe
 split's real embeddings only; the flipped and kept accuracies are also given by plain probes (fitted
-on the raw embeddings), whose disagreement shows points that left the real data. Prints markdown tables (mean ± std over seeds) and writes
+on the raw embeddings), a second reading of the same points. Prints markdown tables (mean ± std over seeds) and writes
 ``{"results": [{"method", "seed", "flipped_accuracy", "kept_accuracy", "all_correct",
 "cos_to_counterfactual", "nn_uniqueness", ...}], "summary": [...]}``.
 """
@@ -84,7 +84,7 @@ def flowed(cli, tables: dict) -> torch.Tensor:
 
 def score(z_moved: torch.Tensor, tables: dict, probes, names: list[str], plain_probes) -> dict:
     """Every metric with the method's standardized probes, and the probe metrics again with plain ones
-    (logistic regression on raw embeddings): a moved point read differently by the two left the real data."""
+    (logistic regression on raw embeddings)."""
     metrics = transfer_metrics(z_moved, tables["z"], tables["attributes"], tables["target"], probes, names,
                                tables["z"], tables["attributes"], tables.get("z_star"))
     plain = probe_metrics(F.normalize(z_moved.float(), dim=1), tables["attributes"], tables["target"], *plain_probes,
