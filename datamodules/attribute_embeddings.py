@@ -292,10 +292,6 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
 
     # ---- what the model is linked to -------------------------------------------------------
     @property
-    def batch_size(self) -> int:
-        return self.hparams.batch_size
-
-    @property
     def attribute_names(self) -> list[str]:
         return list(self._data.names)
 

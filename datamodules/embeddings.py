@@ -96,10 +96,6 @@ class EmbeddingsDataModule(IndexTablesDataModule):
 
     # ---- what the model is linked to -------------------------------------------------------
     @property
-    def batch_size(self) -> int:
-        return self.hparams.batch_size
-
-    @property
     def input_dim(self) -> int:
         return self.train_split["x"].shape[1]
 

@@ -128,10 +128,6 @@ class FlowDataModule(IndexTablesDataModule):
         return list(self.train_split["x"].shape[1:])
 
     @property
-    def batch_size(self) -> int:
-        return self.hparams.batch_size
-
-    @property
     def num_train_items(self) -> int:
         return len(self.train_split["x"])
 

@@ -170,10 +170,6 @@ class IMUTextDataModule(IndexTablesDataModule):
 
     # ---- what the model is linked to -------------------------------------------------------
     @property
-    def batch_size(self) -> int:
-        return self.hparams.batch_size
-
-    @property
     def num_channels(self) -> int:
         return len(self.channel_names)
 

@@ -80,6 +80,11 @@ class IndexTablesDataModule(L.LightningDataModule):
         """Fix ``hparams.seed`` to the seed in force at construction, so it is logged and saved as used."""
         self.hparams.seed = resolve_seed(self.hparams.seed)
 
+    @property
+    def batch_size(self) -> int:
+        """Per device; linked to a model that takes it (TEMI's learning-rate scaling)."""
+        return self.hparams.batch_size
+
     # ---- what subclasses provide -----------------------------------------------------------
     def host_tables(self, split: str) -> Tables:
         """Host tensors of ``split``, each with one row per item of that split."""
