@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -36,8 +35,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.cli_fit import timed_fit  # noqa: E402
 from benchmarks.record import write_record  # noqa: E402
-from cli import main as cli_main  # noqa: E402
 from modules.attribute_transfer import (  # noqa: E402
     choose_strength,
     class_mean_directions,
@@ -62,18 +61,6 @@ HEADLINE = ("flipped_accuracy", "kept_accuracy", "plain_probe_flipped_accuracy",
             "all_correct", "cos_to_counterfactual", "counterfactual_rank",
             "nearest_real_correct", "nn_uniqueness", "spread_ratio", "movement", "silhouette_by_target", "purity",
             "fit_seconds")
-
-
-def fit_flow(overrides: list[str], seed: int, data_args: list[str], extra: list[str], root: str):
-    args = ["fit"]
-    for config in CONFIGS:
-        args += ["--config", str(REPO / config)]
-    args += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--trainer.default_root_dir", root,
-             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-             "--trainer.enable_model_summary", "false", *overrides, *data_args, *extra]
-    start = time.perf_counter()
-    cli = cli_main(args)
-    return cli, time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -116,7 +103,7 @@ def run(args, extra: list[str]) -> list[dict]:
         L.seed_everything(seed)
         for method, overrides in FLOWS.items():
             with tempfile.TemporaryDirectory() as root:
-                cli, seconds = fit_flow(overrides, seed, data_args, extra, root)
+                cli, seconds = timed_fit(CONFIGS, seed, root, [*overrides, *data_args, *extra])
             data, names = cli.datamodule, cli.datamodule.attribute_names
             probes = (cli.model.probe_weights.cpu(), cli.model.probe_biases.cpu())
             test, probe = data.split_tables("test"), data.split_tables("probe")

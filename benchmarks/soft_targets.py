@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -41,8 +40,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
+from benchmarks.cli_fit import timed_fit  # noqa: E402
 from benchmarks.record import write_record  # noqa: E402
-from cli import main as cli_main  # noqa: E402
 from modules.losses.soft_targets import TARGET_MODES  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "uci_har" / "UCI HAR Dataset"
@@ -54,16 +53,7 @@ METRICS = ("accuracy", "macro_f1", "recall_at_2", "unseen_accuracy", "seen_accur
 
 def fit_and_test(kind: str, seed: int, data_args: list[str], extra: list[str], cache: str) -> tuple[dict, object]:
     with tempfile.TemporaryDirectory() as root:
-        args = ["fit"]
-        for config in CONFIGS[kind]:
-            args += ["--config", str(REPO / config)]
-        args += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-                 "--data.init_args.text_cache_dir", cache, "--trainer.default_root_dir", root,
-                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                 "--trainer.enable_model_summary", "false", *data_args, *extra]
-        start = time.perf_counter()
-        cli = cli_main(args)
-        seconds = time.perf_counter() - start
+        cli, seconds = timed_fit(CONFIGS[kind], seed, root, ["--data.init_args.text_cache_dir", cache, *data_args, *extra])
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     result = {name.removeprefix("test/"): value for name, value in metrics.items() if name.startswith("test/")}
     return result | {"fit_seconds": seconds}, cli

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.cli_fit import timed_fit  # noqa: E402
 from benchmarks.record import write_record  # noqa: E402
-from cli import main as cli_main  # noqa: E402
 from datamodules.embeddings import EmbeddingsDataModule  # noqa: E402
 from modules.metrics import ClusterOccupancy, label_metrics  # noqa: E402
 
@@ -62,16 +62,7 @@ def run_kmeans(data: EmbeddingsDataModule, seed: int) -> dict:
 
 def run_temi(method: str, seed: int, data_args: list[str], extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as root:
-        args = ["fit"]
-        for config in CONFIGS[method]:
-            args += ["--config", str(REPO / config)]
-        args += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
-                 "--trainer.default_root_dir", root, "--trainer.logger", "false",
-                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                 *data_args, *extra]
-        start = time.perf_counter()
-        cli = cli_main(args)
-        seconds = time.perf_counter() - start
+        cli, seconds = timed_fit(CONFIGS[method], seed, root, [*data_args, *extra])
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     scored = {name: metrics[f"val/{name}"] for name in ("acc", "nmi", "ari")}
     return scored | {"clusters_used": int(metrics["val/clusters_used"]), "fit_seconds": seconds}
