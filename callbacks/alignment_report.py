@@ -6,8 +6,8 @@
 * ``DIR/plots/{split}_map.png``: a 2-D map (PCA of the unit embeddings) of the windows, coloured by
   activity, beside the label texts they are matched against.
 
-The plots are drawn on rank 0 from the module's ``latest_evaluation`` at the end of fit (the last
-validation) and of test, and logged to W&B when a ``WandbLogger`` is attached.
+The plots are drawn from the module's ``latest_evaluation`` at the end of fit (the last validation)
+and of test (``callbacks.evaluation_figures``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from pathlib import Path
 import lightning as L
 import matplotlib
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from callbacks.evaluation_figures import EvaluationFigures
 from callbacks.json_files import write_json_atomically
 from modules.zero_shot import restricted
 
@@ -70,33 +69,13 @@ def map_figure(embeddings: torch.Tensor, labels: torch.Tensor, label_embeddings:
     return figure
 
 
-class AlignmentReport(Callback):
-    def __init__(self, folder: str = "plots") -> None:
-        self.folder = folder
-
+class AlignmentReport(EvaluationFigures):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             write_json_atomically(Path(trainer.default_root_dir) / "channel_stats.json",
                                   trainer.datamodule.channel_stats())
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.draw(trainer, pl_module)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.draw(trainer, pl_module)
-
-    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        latest = getattr(pl_module, "latest_evaluation", None)
-        if latest is None or not trainer.is_global_zero:
-            return
-        split, names = latest["split"], latest["label_names"]
-        figures = {"confusion": confusion_figure(latest["scores"], latest["labels"], names),
-                   "map": map_figure(latest["embeddings"], latest["labels"], latest["label_embeddings"], names)}
-        folder = Path(trainer.default_root_dir) / self.folder
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, figure in figures.items():
-            path = folder / f"{split}_{name}.png"
-            figure.savefig(path)
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(f"{split}/{name}", [str(path)], step=trainer.global_step)
+    def figures(self, pl_module: L.LightningModule, latest: dict) -> dict[str, Figure]:
+        names = latest["label_names"]
+        return {"confusion": confusion_figure(latest["scores"], latest["labels"], names),
+                "map": map_figure(latest["embeddings"], latest["labels"], latest["label_embeddings"], names)}
