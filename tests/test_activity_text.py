@@ -9,7 +9,7 @@ import torch
 
 from text import sentence_embeddings
 from text.activity_text import ALIASES, SYNONYMS, TEMPLATES, activity_text, describe_activity
-from text.sentence_embeddings import default_sentence_model, embed_sentences, embedding_dim
+from text.sentence_embeddings import default_sentence_model, embed_sentences
 
 UCI_HAR = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING", "LAYING")
 PROBES = ["walking upstairs", "climbing the stairs", "lying down", "walking upstairs"]
@@ -86,7 +86,6 @@ def test_embeddings_are_unit_rows_in_the_order_given(probe_embeddings):
     assert not probe_embeddings.is_inference()  # usable as input to a trained projection
     reordered = embed_sentences(PROBES[2::-1], batch_size=2)
     torch.testing.assert_close(reordered, probe_embeddings[:3].flip(0), atol=1e-5, rtol=0)
-    assert embedding_dim() == 384
 
 
 def test_embeddings_carry_meaning(probe_embeddings):
@@ -127,8 +126,6 @@ def test_missing_or_foreign_model_path_is_an_error_naming_it(tmp_path):
     missing = tmp_path / "no-model-here"
     with pytest.raises(ValueError, match="no-model-here"):
         embed_sentences(["walking"], model_path=missing)
-    with pytest.raises(ValueError, match="no-model-here"):
-        embedding_dim(missing)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no sentence-transformers model"):
         embed_sentences(["walking"], model_path=tmp_path)

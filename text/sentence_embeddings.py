@@ -60,19 +60,6 @@ def _load_model(folder: Path):
     return model
 
 
-def embedding_dim(model_path: str | Path | None = None) -> int:
-    """The width D of the embeddings ``embed_sentences`` returns for this model (issue 10), to size a
-    projection before data is read. It loads the model (once per process, shared with ``embed_sentences``):
-    the dimension after pooling and any dense layers is what the model reports, not one config field."""
-    folder = _model_folder(model_path)
-    model = _load_model(folder)
-    report = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    dim = report()
-    if dim is None:
-        raise ValueError(f"sentence model {folder} does not report its embedding dimension")
-    return int(dim)
-
-
 def _model_identity(folder: Path) -> str:
     """A hash of the model's files that is the same wherever the folder lies: small files (configs,
     tokenizer) by content, weights by size and their first and last megabyte."""
