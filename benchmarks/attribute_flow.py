@@ -1,12 +1,14 @@
 """Attribute transfer by a prototypical contrastive flow against its baselines (spec 001; issue 11).
 
     python benchmarks/attribute_flow.py --out benchmarks/results/attribute_flow.json
+    python benchmarks/attribute_flow.py --world shapes --out benchmarks/results/attribute_flow_shapes.json
     python benchmarks/attribute_flow.py --embeddings X.npy --attributes A.npy --names a b c --out FILE.json
 
 Each flow fit runs what the command line runs (``cli.py fit`` with ``configs/attribute_flow.yaml`` plus
-``configs/profiles/attribute_flow_cpu.yaml``); ``flow`` has the default prototypes (means of real
-embeddings), ``flow_supcon`` adds the pairwise term, ``flow_spec`` is the document's literal form. Baselines on the
-same data and targets: ``noop`` (z unchanged), ``linear`` (per-attribute difference of class means of
+``configs/profiles/attribute_flow_cpu.yaml``); ``flow`` is the default (prototypes the means of real
+embeddings, the cycle term on), ``flow_no_cycle`` drops the cycle term, ``flow_light_identity`` lowers
+the identity term to 0.3, ``flow_supcon`` adds the pairwise term, ``flow_spec`` is the document's literal
+form. Baselines on the same data and targets: ``noop`` (z unchanged), ``linear`` (per-attribute difference of class means of
 real training embeddings, strength chosen on validation), ``nearest`` (the nearest real training
 embedding with exactly the target attributes); and, where the data knows it, ``counterfactual``, the
 true counterfactual embedding itself, which shows each metric's ceiling. Every method is scored on the held-out test items by
@@ -37,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.cli_fit import timed_fit  # noqa: E402
 from benchmarks.record import write_record  # noqa: E402
+from datamodules.attribute_embeddings import WORLDS  # noqa: E402
 from modules.attribute_transfer import (  # noqa: E402
     choose_strength,
     class_mean_directions,
@@ -48,14 +51,18 @@ from modules.attribute_transfer import (  # noqa: E402
 )
 
 CONFIGS = ["configs/attribute_flow.yaml", "configs/profiles/attribute_flow_cpu.yaml"]
-# Each flow and what it changes in the config: the default; with the pairwise supervised-contrastive term;
-# the document's literal form (prototypes as batch means of the flowed points, identity weight 0.05 of
-# FIX 1, its InfoNCE without a temperature, the pairwise term on).
+# Each flow and what it changes in the config: the default (cycle term on); without the cycle term; with the
+# identity term at 0.3 beside the cycle term; with the pairwise supervised-contrastive term; the document's
+# literal form (prototypes as batch means of the flowed points, identity weight 0.05 of FIX 1, its InfoNCE
+# without a temperature, the pairwise term on, no cycle term).
 FLOWS = {
     "flow": [],
+    "flow_no_cycle": ["--model.init_args.cycle_weight=0.0"],
+    "flow_light_identity": ["--model.init_args.identity_weight=0.3"],
     "flow_supcon": ["--model.init_args.supcon_weight=0.5"],
     "flow_spec": ["--model.init_args.prototype_source=batch_flowed", "--model.init_args.identity_weight=0.05",
-                  "--model.init_args.temperature=1.0", "--model.init_args.supcon_weight=0.5"],
+                  "--model.init_args.temperature=1.0", "--model.init_args.supcon_weight=0.5",
+                  "--model.init_args.cycle_weight=0.0"],
 }
 HEADLINE = ("flipped_accuracy", "kept_accuracy", "plain_probe_flipped_accuracy", "plain_probe_kept_accuracy",
             "all_correct", "cos_to_counterfactual", "counterfactual_rank",
@@ -69,11 +76,11 @@ def flowed(cli, tables: dict) -> torch.Tensor:
     return model.move(tables["z"], tables["attributes"], tables["target"])
 
 
-def score(z_moved: torch.Tensor, tables: dict, probes, names: list[str], plain_probes) -> dict:
+def score(z_moved: torch.Tensor, tables: dict, probes, names: list[str], plain_probes, pool) -> dict:
     """Every metric with the method's standardized probes, and the probe metrics again with plain ones
-    (logistic regression on raw embeddings)."""
+    (logistic regression on raw embeddings); ``pool``: the real embeddings the neighbour checks search."""
     metrics = transfer_metrics(z_moved, tables["z"], tables["attributes"], tables["target"], probes, names,
-                               tables["z"], tables["attributes"], tables.get("z_star"))
+                               *pool, tables.get("z_star"))
     plain = probe_metrics(F.normalize(z_moved.float(), dim=1), tables["attributes"], tables["target"], *plain_probes,
                           names)
     return metrics | {f"plain_probe_{name}": plain[name] for name in ("flipped_accuracy", "kept_accuracy")}
@@ -87,13 +94,14 @@ def baselines(data, probes, names: list[str], plain_probes) -> dict[str, dict]:
     moved |= {"noop": test["z"],
              "linear": linear_steering(test["z"], test["attributes"], test["target"], directions, strength),
              "nearest": nearest_with_targets(test["z"], test["target"], train["z"], train["attributes"])}
-    results = {method: score(z, test, probes, names, plain_probes) for method, z in moved.items()}
+    pool = data.neighbour_pool("test")
+    results = {method: score(z, test, probes, names, plain_probes, pool) for method, z in moved.items()}
     results["linear"]["strength"] = strength
     return results
 
 
 def run(args, extra: list[str]) -> list[dict]:
-    data_args = []
+    data_args = ["--data.init_args.world", args.world]
     if args.embeddings:
         data_args += ["--data.init_args.embeddings", args.embeddings, "--data.init_args.attributes", args.attributes]
         if args.names:
@@ -109,7 +117,7 @@ def run(args, extra: list[str]) -> list[dict]:
             test, probe = data.split_tables("test"), data.split_tables("probe")
             plain_probes = fit_probes(probe["z"], probe["attributes"], standardize=False)
             results.append({"method": method, "seed": seed, "fit_seconds": seconds}
-                           | score(flowed(cli, test), test, probes, names, plain_probes))
+                           | score(flowed(cli, test), test, probes, names, plain_probes, data.neighbour_pool("test")))
             print(json.dumps(results[-1]), flush=True)
         assert torch.allclose(fit_probes(probe["z"], probe["attributes"])[0], probes[0], atol=1e-5)
         for method, metrics in baselines(data, probes, names, plain_probes).items():
@@ -143,7 +151,9 @@ def table(rows: list[dict], keys: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--embeddings", help="embeddings [N, D] (.npy/.npz/.pt); default: block-world sentences")
+    parser.add_argument("--world", choices=WORLDS, default="sentences",
+                        help="the default data: block-world sentences (MiniLM) or rendered shape scenes (frozen CNN)")
+    parser.add_argument("--embeddings", help="embeddings [N, D] (.npy/.npz/.pt); default: --world's")
     parser.add_argument("--attributes", help="binary attributes [N, A] matching --embeddings")
     parser.add_argument("--names", nargs="+", help="attribute names")
     parser.add_argument("--threads", type=int, default=2)
@@ -159,7 +169,7 @@ def main() -> None:
     print(table(rows, headline))
     print()
     print(table(rows, per_attribute))
-    write_record(args.out, {"data": args.embeddings or "block-world attribute sentences", "results": results,
+    write_record(args.out, {"data": args.embeddings or f"world {args.world}", "results": results,
                             "summary": rows}, args.threads)
 
 

@@ -10,8 +10,10 @@ Sources, in order of precedence:
 * ``embeddings`` + ``attributes``: ``.npy``/``.npz``/``.pt`` arrays ``[N, D]`` and ``[N, A]`` (0/1 or
   -1/1), optional ``attribute_names``, and an optional ``partition`` file ``[N]`` of 0/1/2 (train/val/test,
   CelebA's codes) or 3 (probe); without one, items are split at random by the seeded fractions.
-* nothing: block-world sentences under a fixed schema of five attributes (``text.blocks.attributes``),
-  embedded by the frozen MiniLM, with the true counterfactual of every val/test item (``z_star``).
+* nothing: a world with ground truth (``world``), five binary attributes whose true counterfactual is known
+  for every val/test item (``z_star``): ``sentences`` (default), block-world sentences under a fixed schema
+  (``text.blocks.attributes``) embedded by the frozen MiniLM; ``shapes``, rendered two-group shape scenes
+  through a small frozen CNN (``datamodules.shape_scenes``), where the attributes are entangled.
 
 The splits are ``train``, ``val``, ``probe`` (real embeddings the evaluation's frozen probes are fitted
 on) and ``test``. Where a source has no probe split of its own, it is cut from the train split
@@ -37,12 +39,14 @@ from clustering.attributes import check_binary, flip_attributes
 from datamodules.arrays import archive_keys, as_embeddings, load_array
 from datamodules.index_batches import IndexBatchLoader, ItemDraw
 from datamodules.index_tables import TRAIN_VAL_TEST_SPLITS, IndexTablesDataModule, Tables
+from datamodules.shape_scenes import ATTRIBUTE_NAMES as SHAPE_ATTRIBUTES
+from datamodules.shape_scenes import ShapeScene, default_embedder, sample_scenes
 from text.blocks.attributes import (
     DEFAULT_SCHEMA,
     AttributeItem,
     attribute_vector,
-    counterfactual,
     sample_items,
+    with_attributes,
 )
 from text.sentence_embeddings import embed_sentences
 
@@ -63,7 +67,51 @@ class AttributeData:
     attributes: torch.Tensor
     names: list[str]
     rows: dict[str, torch.Tensor]
-    blocks: dict[str, list[AttributeItem]] = field(default_factory=dict)  # block world: items per split
+    items: dict[str, list] = field(default_factory=dict)  # a world's items (sentences, scenes) per split
+
+
+@dataclass(frozen=True)
+class SentenceWorld:
+    """Block-world sentences under ``DEFAULT_SCHEMA``, embedded by the frozen MiniLM (cached)."""
+
+    model_path: str | None = None
+    cache_dir: str | None = None
+    names: tuple[str, ...] = tuple(DEFAULT_SCHEMA.names)
+
+    def sample(self, sizes: dict[str, int], seed: int) -> dict[str, list[AttributeItem]]:
+        return sample_items(DEFAULT_SCHEMA, sizes, seed)
+
+    def attributes(self, item: AttributeItem) -> list[int]:
+        return attribute_vector(DEFAULT_SCHEMA, item.facts)
+
+    def counterfactual(self, item: AttributeItem, target: Sequence[int]) -> AttributeItem:
+        return with_attributes(DEFAULT_SCHEMA, item, target)
+
+    def embed(self, items: Sequence[AttributeItem]) -> torch.Tensor:
+        return embed_sentences([item.sentence for item in items], model_path=self.model_path,
+                               cache_dir=self.cache_dir)
+
+
+@dataclass(frozen=True)
+class ShapeWorld:
+    """Rendered shape scenes through the frozen CNN (``datamodules.shape_scenes``)."""
+
+    names: tuple[str, ...] = tuple(SHAPE_ATTRIBUTES)
+
+    def sample(self, sizes: dict[str, int], seed: int) -> dict[str, list[ShapeScene]]:
+        return sample_scenes(sizes, seed)
+
+    def attributes(self, item: ShapeScene) -> list[int]:
+        return item.attributes
+
+    def counterfactual(self, item: ShapeScene, target: Sequence[int]) -> ShapeScene:
+        return item.with_attributes(target)
+
+    def embed(self, items: Sequence[ShapeScene]) -> torch.Tensor:
+        return default_embedder()(items)
+
+
+WORLDS = ("sentences", "shapes")
 
 
 def unit_rows(z: torch.Tensor, source: str) -> torch.Tensor:
@@ -232,12 +280,13 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
             probe fraction also cuts the probe split from a partition's (or CelebA's) train split.
         celeba_dir: a folder in the CelebA layout, read with ``embeddings``; ``celeba_attributes``
             picks its columns.
-        num_train, num_val, num_probe, num_test: block-world items per split (default source).
+        world: the default source's world, ``sentences`` or ``shapes`` (see the module docstring).
+        num_train, num_val, num_probe, num_test: the world's items per split (default source).
         batch_size, eval_batch_size: per device.
-        seed: seeds the splits, the block-world items, the fixed val/test targets, the epoch orders and
+        seed: seeds the splits, the world's items, the fixed val/test targets, the epoch orders and
             the training targets; ``None``: the global seed of ``seed_everything``.
         sentence_model: local sentence-transformers folder; ``None``: the packaged all-MiniLM-L6-v2.
-        text_cache_dir: where the block-world sentence embeddings are cached.
+        text_cache_dir: where the sentence world's embeddings are cached.
     """
 
     STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = TRAIN_VAL_TEST_SPLITS
@@ -255,6 +304,7 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
         test_fraction: float = 0.2,
         celeba_dir: str | None = None,
         celeba_attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+        world: str = "sentences",
         num_train: int = 4000,
         num_val: int = 500,
         num_probe: int = 1000,
@@ -281,9 +331,11 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
         if celeba_dir is not None and (attributes is not None or partition is not None):
             raise ValueError("celeba_dir= brings its own attributes and partition; "
                              "drop attributes=/partition=")
+        if world not in WORLDS:
+            raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
         sizes = {"num_train": num_train, "num_val": num_val, "num_probe": num_probe, "num_test": num_test}
         if min(sizes.values()) < 1:
-            raise ValueError(f"block-world split sizes must be positive, got {sizes}")
+            raise ValueError(f"the world's split sizes must be positive, got {sizes}")
 
     def __str__(self) -> str:
         sizes = ", ".join(f"{split}={len(self._data.rows[split])}" for split in SPLITS)
@@ -305,8 +357,8 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
 
     @property
     def has_counterfactuals(self) -> bool:
-        """Whether val/test know the true counterfactual embedding ``z_star`` (the block world does)."""
-        return bool(self._data.blocks)
+        """Whether val/test know the true counterfactual embedding ``z_star`` (the worlds do)."""
+        return bool(self._data.items)
 
     @property
     def num_train_items(self) -> int:
@@ -317,7 +369,9 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
         hp = self.hparams
         if hp.celeba_dir is not None:
             return f"CelebA {hp.celeba_dir} with {hp.embeddings}"
-        return hp.embeddings or "block-world attribute sentences"
+        if hp.embeddings is not None:
+            return hp.embeddings
+        return {"sentences": "block-world attribute sentences", "shapes": "rendered shape scenes"}[hp.world]
 
     # ---- sources ---------------------------------------------------------------------------
     @cached_property
@@ -336,23 +390,27 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
                 rows = random_split(len(z), {"val": hp.val_fraction, "probe": hp.probe_fraction,
                                              "test": hp.test_fraction}, hp.seed)
             return AttributeData(z, attributes, names, rows)
-        return self._block_world()
+        return self._world_data()
 
-    def _block_world(self) -> AttributeData:
-        """The default source: block-world items per split, every sentence embedded once (cached)."""
+    @cached_property
+    def world(self) -> SentenceWorld | ShapeWorld:
+        hp = self.hparams
+        if hp.world == "shapes":
+            return ShapeWorld()
+        return SentenceWorld(hp.sentence_model, hp.text_cache_dir)
+
+    def _world_data(self) -> AttributeData:
+        """The default source: the world's items per split, each embedded once."""
         hp = self.hparams
         sizes = {"train": hp.num_train, "val": hp.num_val, "probe": hp.num_probe, "test": hp.num_test}
-        items = sample_items(DEFAULT_SCHEMA, sizes, hp.seed)
+        items = self.world.sample(sizes, hp.seed)
         ordered = [item for split in SPLITS for item in items[split]]
-        z = embed_sentences([item.sentence for item in ordered], model_path=hp.sentence_model,
-                            cache_dir=hp.text_cache_dir)
-        attributes = torch.tensor([attribute_vector(DEFAULT_SCHEMA, item.facts) for item in ordered],
-                                  dtype=torch.float32)
+        attributes = torch.tensor([self.world.attributes(item) for item in ordered], dtype=torch.float32)
         counts = torch.tensor([len(items[split]) for split in SPLITS])
         starts = counts.cumsum(0) - counts
         rows = {split: torch.arange(start, start + count)
                 for split, start, count in zip(SPLITS, starts.tolist(), counts.tolist())}
-        return AttributeData(z, attributes, DEFAULT_SCHEMA.names, rows, items)
+        return AttributeData(self.world.embed(ordered), attributes, list(self.world.names), rows, items)
 
     # ---- fixed evaluation targets and their true counterfactuals ----------------------------
     @cached_property
@@ -364,32 +422,27 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
     def _split_attributes(self, split: str) -> torch.Tensor:
         return self._data.attributes[self._data.rows[split]]
 
-    def counterfactual_sentences(self, split: str) -> list[str]:
-        """Block world: per val/test item the sentence of the same identity and wording with its target."""
-        items = self._items(split)
+    def counterfactual_items(self, split: str) -> list:
+        """A world's val/test items, each with the same identity (and wording) and its target attributes."""
+        items = self.items(split)
         if split not in TARGET_SPLITS:
             raise ValueError(f"only {TARGET_SPLITS} have fixed targets, not {split!r}")
-        return [counterfactual(DEFAULT_SCHEMA, item, target.long().tolist())
+        return [self.world.counterfactual(item, target.long().tolist())
                 for item, target in zip(items, self._targets[split])]
 
-    def sentences(self, split: str) -> list[str]:
-        """Block world: the sentence of every item of ``split``, in the order of its tables."""
-        return [item.sentence for item in self._items(split)]
-
-    def _items(self, split: str) -> list[AttributeItem]:
+    def items(self, split: str) -> list:
+        """A world's items (sentences or scenes) of ``split``, in the order of its tables."""
         if not self.has_counterfactuals:
-            raise ValueError(f"{self.source_name} has no sentences; only the block-world default source does")
+            raise ValueError(f"{self.source_name} has no items of a world; only the default source does")
         if split not in SPLITS:
             raise ValueError(f"no split {split!r}; the splits are {SPLITS}")
-        return self._data.blocks[split]
+        return self._data.items[split]
 
     @cached_property
     def _counterfactual_embeddings(self) -> dict[str, torch.Tensor]:
-        hp = self.hparams
-        sentences = {split: self.counterfactual_sentences(split) for split in TARGET_SPLITS}
-        z = embed_sentences([s for split in TARGET_SPLITS for s in sentences[split]],
-                            model_path=hp.sentence_model, cache_dir=hp.text_cache_dir)
-        return dict(zip(TARGET_SPLITS, z.split([len(sentences[split]) for split in TARGET_SPLITS])))
+        items = {split: self.counterfactual_items(split) for split in TARGET_SPLITS}
+        z = self.world.embed([item for split in TARGET_SPLITS for item in items[split]])
+        return dict(zip(TARGET_SPLITS, z.split([len(items[split]) for split in TARGET_SPLITS])))
 
     # ---- tables and batches ----------------------------------------------------------------
     def host_tables(self, split: str) -> Tables:
@@ -408,6 +461,15 @@ class AttributeEmbeddingsDataModule(IndexTablesDataModule):
     def split_tables(self, split: str) -> Tables:
         """The host tables of ``split``, for evaluation code (the probes fit on ``probe``'s)."""
         return self.host_tables(split)
+
+    def neighbour_pool(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real embeddings and attributes the neighbour checks of an evaluation on ``split`` search:
+        train, probe and ``split`` itself. The evaluated items' own sources are in it, so a point left at
+        its source finds it (and fails), and the pool is large enough that the true counterfactuals mostly
+        land on distinct neighbours (on the sentences, 0.92 against 0.64 in the test split alone)."""
+        splits = dict.fromkeys(("train", "probe", split))
+        rows = torch.cat([self._data.rows[name] for name in splits])
+        return self._data.z[rows], self._data.attributes[rows]
 
     def training_draw(self) -> ItemDraw:
         """Per item and epoch a ``target``: its attributes with 1 or 2 flipped (spec FIX 2)."""

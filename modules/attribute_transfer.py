@@ -13,7 +13,8 @@ which a field mapping every target to one point satisfies perfectly. For moved p
   and ``counterfactual_rank``: the share of real embeddings with the target attributes nearer to
   ``z_moved`` than ``z*`` (0: ``z*`` is the nearest);
 * ``nearest_real_correct``: the share of items whose nearest real embedding has exactly the target
-  attributes (a check without a probe);
+  attributes (a check without a probe; on the worlds the attributes are the generator's, which the
+  rule-based parser reads back from every sentence);
 * collapse: ``nn_uniqueness``, distinct nearest real neighbours over items (1/N when everything
   lands on one point), and ``spread_ratio``, the mean within-combination spread of the moved points
   over that of real points of the same combinations;

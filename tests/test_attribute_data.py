@@ -5,12 +5,15 @@ rule-based parser."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from datamodules.attribute_embeddings import AttributeEmbeddingsDataModule
+from datamodules.shape_scenes import ATTRIBUTE_NAMES as SHAPE_ATTRIBUTES
+from datamodules.shape_scenes import default_embedder
 from text.blocks.attributes import (
     DEFAULT_SCHEMA,
     attribute_vector,
@@ -245,11 +248,11 @@ def test_block_world_default_source(blocks):
     for split in ("train", "val", "probe", "test"):
         tables = blocks.split_tables(split)
         torch.testing.assert_close(tables["z"].norm(dim=1), torch.ones(40))
-        sentences = blocks.sentences(split)
+        sentences = [item.sentence for item in blocks.items(split)]
         assert [read_attributes(DEFAULT_SCHEMA, s) for s in sentences] == tables["attributes"].long().tolist()
     test = blocks.split_tables("test")
     assert set(test) == {"z", "attributes", "target", "z_star"}
-    counterfactuals = blocks.counterfactual_sentences("test")
+    counterfactuals = [item.sentence for item in blocks.counterfactual_items("test")]
     assert [read_attributes(DEFAULT_SCHEMA, s) for s in counterfactuals] == test["target"].long().tolist()
     torch.testing.assert_close(test["z_star"].norm(dim=1), torch.ones(40))
     # z_star is the embedding of the counterfactual sentence: closer to its own item than to the others
@@ -257,3 +260,29 @@ def test_block_world_default_source(blocks):
     assert (similarity.argmax(dim=1) == torch.arange(40)).float().mean() > 0.5
     batch = blocks.gather({"index": torch.tensor([3, 1])}, "val")
     assert set(batch) == {"index", "z", "attributes", "target", "z_star"}
+
+
+def test_neighbour_pool_is_train_probe_and_the_evaluated_split(blocks):
+    z, attributes = blocks.neighbour_pool("test")
+    expected = [blocks.split_tables(split) for split in ("train", "probe", "test")]
+    assert torch.equal(z, torch.cat([tables["z"] for tables in expected]))
+    assert torch.equal(attributes, torch.cat([tables["attributes"] for tables in expected]))
+    assert len(blocks.neighbour_pool("train")[0]) == 80  # train once, then probe
+
+
+def test_shape_world_counterfactuals_are_the_re_rendered_targets():
+    shapes = AttributeEmbeddingsDataModule(world="shapes", seed=1, **BLOCK_SIZES)
+    assert shapes.attribute_names == SHAPE_ATTRIBUTES and shapes.embedding_dim == 1024
+    test = shapes.split_tables("test")
+    scenes, counterfactuals = shapes.items("test"), shapes.counterfactual_items("test")
+    assert [scene.attributes for scene in scenes] == test["attributes"].long().tolist()
+    assert [scene.attributes for scene in counterfactuals] == test["target"].long().tolist()
+    for scene, changed in zip(scenes, counterfactuals):  # the nuisance values are kept
+        assert replace(changed, **dict(zip(SHAPE_ATTRIBUTES, scene.attributes))) == scene
+    torch.testing.assert_close(test["z_star"], default_embedder()(counterfactuals))
+    torch.testing.assert_close(test["z"].norm(dim=1), torch.ones(40))
+
+
+def test_unknown_world_is_named():
+    with pytest.raises(ValueError, match=r"world must be one of \('sentences', 'shapes'\), got 'images'"):
+        AttributeEmbeddingsDataModule(world="images")

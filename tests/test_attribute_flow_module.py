@@ -118,3 +118,19 @@ def test_resume_is_exact(attribute_files, tmp_path):
     resumed = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "resumed/checkpoints/last.ckpt"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_cycle_term_is_the_way_back_to_the_source():
+    torch.manual_seed(0)
+    model = model_for(prototype_source="batch_flowed", cycle_weight=2.0)
+    z = torch.nn.functional.normalize(torch.randn(12, DIM), dim=1)
+    source = torch.randint(0, 2, (12, NUM_ATTRIBUTES)).float()
+    target = 1 - source
+    batch = {"z": z, "attributes": source, "target": target}
+    with_cycle = model.training_step(batch, 0)
+    model.hparams.cycle_weight = 0.0
+    without = model.training_step(batch, 0)
+    back = model.move(model.move(z, source, target), target, source)
+    expected = 2.0 * (back - z).pow(2).sum(dim=1).mean()
+    torch.testing.assert_close(with_cycle - without, expected)
+    assert float(expected) > 0
