@@ -43,6 +43,9 @@ LIGHTNING_CHECKPOINT_KEYS = frozenset({
     "epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops", "callbacks",
     "optimizer_states", "lr_schedulers", "hparams_name", "hyper_parameters", "hparams_type",
     "datamodule_hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_type",
+    # WeightAveraging (EMAWeightAveraging) keeps the live weights and its own state beside the averaged
+    # state_dict it saves.
+    "current_model_state", "averaging_state",
 })
 
 
