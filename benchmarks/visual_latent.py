@@ -1,12 +1,14 @@
-"""Spec 004 phases P1 then P2 on the CPU profiles, scored by their phase gates.
+"""Spec 004 phases P1 to P3 on the CPU profiles, scored by their phase gates.
 
     python benchmarks/visual_latent.py --out benchmarks/results/visual_latent.json
-    python benchmarks/visual_latent.py --runs p1 p2 p2_scratch p1_spec_var --out FILE.json
+    python benchmarks/visual_latent.py --runs p1 p2 p2_scratch p1_spec_var p3 p3_spec_raw --out FILE.json
 
 Each run is exactly what the command line runs (``cli.py fit`` with the phase config plus its CPU
 profile); ``p2`` starts from the last checkpoint of ``p1``, ``p2_scratch`` is the main job as
 ``make demo`` runs it, ``p1_spec_var`` is P1 with the anti-collapse term off (the spec's literal
-priors). Prints a markdown table of every gate criterion's value and writes
+priors); ``p3`` starts from the last checkpoint of ``p2`` (or of ``p2_scratch`` without it), and
+``p3_spec_raw`` is P3 with the spec's literal invariance term on raw ``z``; ``p4`` trains the decoder on the
+frozen encoder of ``p3`` (or ``p2``, ``p2_scratch``). Prints a markdown table of every gate criterion's value and writes
 ``{"runs": [{"run", "phase", "passed", "wall_seconds", "criteria": [...]}], ...}``.
 """
 
@@ -31,31 +33,56 @@ from cli import main as cli_main  # noqa: E402
 
 P1 = ["configs/p1_priors.yaml", "configs/profiles/p1_priors_cpu.yaml"]
 P2 = ["configs/p2_contrastive.yaml", "configs/profiles/p2_contrastive_cpu.yaml"]
+P3 = ["configs/p3_invariance.yaml", "configs/profiles/p3_invariance_cpu.yaml"]
+P4 = ["configs/p4_decoder.yaml", "configs/profiles/p4_decoder_cpu.yaml"]
+# Per run: its configs, its options, and the runs whose last checkpoint it may start from (the first present).
 RUNS = {
-    "p1": (P1, []),
-    "p2": (P2, ["--model.init_args.init_from", "{p1}/checkpoints/last.ckpt"]),
-    "p2_scratch": (P2, []),
-    "p1_spec_var": (P1, ["--model.init_args.text_variance_weight", "0.0"]),
+    "p1": (P1, [], ()),
+    "p2": (P2, [], ("p1",)),
+    "p2_scratch": (P2, [], ()),
+    "p1_spec_var": (P1, ["--model.init_args.text_variance_weight", "0.0"], ()),
+    "p3": (P3, [], ("p2", "p2_scratch")),
+    "p3_spec_raw": (P3, ["--model.init_args.invariance_unit", "false"], ("p2", "p2_scratch")),
+    "p4": (P4, [], ("p3", "p2", "p2_scratch")),
 }
 
 
-def run(name: str, workdir: Path, seed: int, extra: list[str]) -> dict:
-    configs, options = RUNS[name]
+# Read at the last validation beside the gate: where the latent's across-sentence variance lies, and
+# whether it tells who is related to whom (the cosine gap against swapped relation arguments).
+REPORTED = ("r1", "cos_gap", "cos_gap_swap_arguments", "text_dependence", "spatial_text_dependence",
+            "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px", "content_accuracy",
+            "function_accuracy", "shuffle_ce_increase", "content_attention_entropy")
+
+
+def start_options(name: str, done: list[str], workdir: Path) -> list[str]:
+    starts = RUNS[name][2]
+    if not starts:
+        return []
+    start = next((run for run in starts if run in done), None)
+    if start is None:
+        raise SystemExit(f"run {name} starts from the checkpoint of one of {list(starts)}: run one before it")
+    return ["--model.init_args.init_from", str(workdir / start / "checkpoints" / "last.ckpt")]
+
+
+def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str]) -> dict:
+    configs, options, _ = RUNS[name]
     root = workdir / name
     args = ["fit"]
     for config in configs:
         args += ["--config", str(REPO / config)]
-    args += [option.format(p1=workdir / "p1") for option in options]
+    args += [*options, *start_options(name, done, workdir)]
     args += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
              "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
     start = time.perf_counter()
-    cli_main(args)
+    cli = cli_main(args)
     seconds = time.perf_counter() - start
     report = json.loads((root / "gate_report.json").read_text())
+    last = cli.trainer.callback_metrics
     return {"run": name, "seed": seed, "phase": report["phase"], "passed": report["passed"],
             "evaluations": report["evaluations"], "global_step": report["global_step"],
-            "wall_seconds": seconds, "criteria": report["criteria"]}
+            "wall_seconds": seconds, "criteria": report["criteria"],
+            "metrics": {key: float(last[f"val/{key}"]) for key in REPORTED if f"val/{key}" in last}}
 
 
 def markdown(results: list[dict]) -> str:
@@ -73,6 +100,14 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def metrics_table(results: list[dict]) -> str:
+    lines = ["| run | " + " | ".join(REPORTED) + " |", "|---|" + "---|" * len(REPORTED)]
+    for r in results:
+        cells = [f"{r['metrics'][key]:.3g}" if key in r["metrics"] else "" for key in REPORTED]
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["p1", "p2"], choices=list(RUNS))
@@ -81,18 +116,21 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args, extra = parser.parse_known_args()  # the rest go to cli.py, e.g. --trainer.max_epochs=4
-    if "p2" in args.runs and "p1" not in args.runs:
-        parser.error("run p2 starts from p1's checkpoint: include p1 before it")
+    for index, name in enumerate(args.runs):
+        if RUNS[name][2] and not set(RUNS[name][2]) & set(args.runs[:index]):
+            parser.error(f"run {name} starts from the checkpoint of one of {list(RUNS[name][2])}: list one before it")
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as temporary:
         workdir = Path(args.workdir or temporary)
         results = []
         for name in args.runs:
-            results.append(run(name, workdir, args.seed, extra))
+            results.append(run(name, workdir, args.seed, extra, args.runs[:len(results)]))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "criteria"}), flush=True)
 
     print(markdown(results))
+    print()
+    print(metrics_table(results))
     write_record(args.out, {"results": results}, args.threads)
 
 

@@ -1,6 +1,7 @@
 """Pictures of the latent grid after every validation (spec 004 §0 "Plots", P1 "Logging & Visualization",
 P2 "Metrics"): ``DIR/plots/<name>_step<global_step>.png`` and ``<name>_latest.png`` for ``spectra``,
-``trends``, ``covariance``, ``montage`` and ``embedding``, drawn from the module's ``latent_snapshot``
+``trends``, ``covariance``, ``montage``, ``embedding`` and, with a decoder, ``attention``, drawn from the
+module's ``latent_snapshot``
 (``modules.latent_snapshot.LatentSnapshot``)."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from matplotlib.lines import Line2D
 from torch import Tensor
 
 from modules.latent_snapshot import LatentSnapshot
+from modules.losses.decoding import attention_concentration
 
 # Natural images have power ~ radius^-2 (spec 004 P1 targets alpha in [1.5, 2.5]).
 REFERENCE_SLOPE = 2.0
@@ -71,6 +73,8 @@ class LatentPlots(Callback):
             "montage": montage_figure(snapshot.montage),
             "embedding": embedding_figure(snapshot, self.max_groups),
         }
+        if snapshot.attention is not None:
+            figures["attention"] = attention_figure(snapshot.attention, snapshot.attention_labels)
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         for name, figure in figures.items():
             path = _save(figure, folder, name, snapshot.global_step)
@@ -204,4 +208,21 @@ def embedding_figure(snapshot: LatentSnapshot, max_groups: int) -> Figure:
     shown_groups = min(max_groups, len(groups))
     axes.set(xlabel="PC 1", ylabel="PC 2",
              title=f"z, first {shown_groups} of {len(groups)} groups, step {snapshot.global_step}")
+    return figure
+
+
+def attention_figure(attention: Tensor, labels: list[str], columns: int = 8) -> Figure:
+    """The decoder's attention over the grid for each content token it writes (spec 004 P4 "Token→V attention
+    maps"), one panel per token titled by its sentence, the token, and its entropy over the uniform's."""
+    count = len(attention)
+    rows = -(-count // columns)
+    figure = Figure(figsize=(1.6 * columns, 1.8 * rows), layout="constrained")
+    panels = figure.subplots(rows, columns, squeeze=False)
+    for panel in panels.flat:
+        panel.set_axis_off()
+    entropies = attention_concentration(attention.flatten(1))["entropy"]
+    for panel, weights, label, entropy in zip(panels.flat, attention, labels, entropies.tolist()):
+        panel.imshow(weights, cmap="magma", interpolation="nearest")
+        panel.set_title(f"{label}\nH={entropy:.2f}", fontsize="x-small")
+    figure.suptitle("Decoder attention over V per content token (H: entropy / uniform's)")
     return figure

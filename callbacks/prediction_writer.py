@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes the tensors of each prediction dict as CSV columns, one file per rank
+    """Writes the 1-D tensors of each prediction dict as CSV columns, one file per rank
     (``predictions.csv``, or ``predictions.rank{r}.csv`` under DDP; their rows are disjoint)."""
 
     def __init__(self, filename: str = "predictions.csv") -> None:
@@ -28,7 +28,8 @@ class PredictionWriter(BasePredictionWriter):
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         if not batches:
             return
-        columns = {key: torch.cat([batch[key] for batch in batches]).cpu() for key in batches[0]}
+        columns = {key: torch.cat([batch[key] for batch in batches]).cpu() for key in batches[0]
+                   if batches[0][key].dim() == 1}  # per-item values; arrays are other writers' (latents)
         path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:

@@ -6,7 +6,8 @@ Every epoch draws, per scene, two distinct views and one counterfactual from a g
 ``(seed, epoch)``, so resumed and multi-GPU runs see the same pairs.
 
 Validation and test read the evaluation pack shipped with the code (held-out scenes of the val and
-test splits): each item's sentence, its paraphrases and its counterfactuals.
+test splits): each item's sentence, its paraphrases and its counterfactuals. ``predict`` reads the
+sentences of ``predict_file`` (one per line), a ``sentence [b, L]`` per batch.
 
 All ids are held as tensors, moved once to the module's device, and gathered there per batch
 (``datamodules.index_tables``). Each batch is cut to its longest sentence: the width is read on the
@@ -78,6 +79,7 @@ class BlocksTextDataModule(IndexTablesDataModule):
         batch_size: scenes per device and step; eval_batch_size: evaluation items per batch.
         eval_items: evaluate on the first ``eval_items`` items of the pack (``None``: all).
         seed: seeds the corpus and each epoch's view draws; ``None``: the global seed of ``seed_everything``.
+        predict_file: a text file of sentences, one per line (blank lines skipped), for ``cli.py predict``.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class BlocksTextDataModule(IndexTablesDataModule):
         eval_batch_size: int = 256,
         eval_items: int | None = None,
         seed: int | None = None,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -166,8 +169,30 @@ class BlocksTextDataModule(IndexTablesDataModule):
             self._tensors[f"{split}_counterfactual_kind"] = torch.tensor(
                 [[COUNTERFACTUAL_KINDS.index(kind) for kind in item["counterfactual_kinds"]] for item in items]
             )
-        self._lengths = {name: (self._tensors[name] != PAD_ID).sum(-1) for name in ID_TABLES}
+        if self.hparams.predict_file is not None:
+            self._tensors["predict_sentence"] = self._encode_predict_file(Path(self.hparams.predict_file))
+        self._lengths = {name: (self._tensors[name] != PAD_ID).sum(-1) for name in self._tensors
+                         if name in ID_TABLES or name == "predict_sentence"}
         self.clear_device_tables()
+
+    @property
+    def predict_sentences(self) -> list[str]:
+        """The sentences of ``predict_file``, in the order of the predictions."""
+        if self.hparams.predict_file is None:
+            raise ValueError("cli.py predict needs data.predict_file: a text file of sentences, one per line")
+        path = Path(self.hparams.predict_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.predict_file {path} does not exist")
+        sentences = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not sentences:
+            raise ValueError(f"data.predict_file {path} holds no sentence")
+        return sentences
+
+    def _encode_predict_file(self, path: Path) -> torch.Tensor:
+        try:
+            return self._encode(self.predict_sentences)
+        except ValueError as error:
+            raise ValueError(f"data.predict_file {path}: {error}") from error
 
     def setup(self, stage: str) -> None:
         if not self._tensors:
@@ -204,7 +229,7 @@ class BlocksTextDataModule(IndexTablesDataModule):
     # ---- loaders ---------------------------------------------------------------------------
     STAGE_SPLITS: ClassVar[dict[RunningStage | None, str]] = {
         RunningStage.TRAINING: "train", RunningStage.SANITY_CHECKING: "val", RunningStage.VALIDATING: "val",
-        RunningStage.TESTING: "test", RunningStage.PREDICTING: "test", None: "val",
+        RunningStage.TESTING: "test", RunningStage.PREDICTING: "predict", None: "val",
     }
 
     def _view_draw(self):
@@ -227,6 +252,14 @@ class BlocksTextDataModule(IndexTablesDataModule):
 
     def test_dataloader(self) -> IndexBatchLoader:
         return self.eval_loader(len(self._tensors["test_sentence"]), host_fields=self._eval_widths("test"))
+
+    def predict_dataloader(self) -> IndexBatchLoader:
+        count = len(self.predict_sentences)  # names the missing file or option before anything else
+
+        def width(batch: dict) -> dict:
+            return {"width": {"sentence": _longest(self._lengths["predict_sentence"][batch["index"]])}}
+
+        return self.eval_loader(count, host_fields=width)
 
     def _train_widths(self, batch: dict) -> dict:
         """Token columns each training field needs: its longest drawn sentence, read on the host."""
@@ -256,6 +289,9 @@ class BlocksTextDataModule(IndexTablesDataModule):
             batch["view_a"] = views[index, batch["view_a"], : width["view_a"]]
             batch["view_b"] = views[index, batch["view_b"], : width["view_b"]]
             batch["counterfactual"] = counterfactuals[index[:, None], batch["counterfactual"], : width["counterfactual"]]
+            return batch
+        if split == "predict":
+            batch["sentence"] = tables["sentence"][index, : width["sentence"]]
             return batch
         for key in EVAL_ID_KEYS:
             batch[key] = tables[key][index, ..., : width[key]]

@@ -24,7 +24,9 @@ class LatentSnapshot:
     - ``tv``: the total variation;
     - ``kurtosis`` [C]: the gradient kurtosis of each channel;
     - ``z`` [N, D], ``z_group`` [N], ``z_is_counterfactual`` [N] (bool): the embeddings g(V), the
-      paraphrase group of each and whether it embeds a counterfactual of that group.
+      paraphrase group of each and whether it embeds a counterfactual of that group;
+    - with a decoder (P4 on), ``attention`` [T, H, W] and ``attention_labels`` (T strings): the decoder's
+      attention over the grid when it writes each content token of the first montage sentences.
 
     Tensors are detached and moved to the CPU here, so a snapshot never holds device memory or a graph.
     """
@@ -41,6 +43,8 @@ class LatentSnapshot:
     z_is_counterfactual: Tensor
     epoch: int
     global_step: int
+    attention: Tensor | None = None
+    attention_labels: list[str] | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -60,6 +64,11 @@ class LatentSnapshot:
         _expect_shape("z_is_counterfactual", self.z_is_counterfactual, (embeddings,))
         if self.z_is_counterfactual.dtype != torch.bool:
             raise ValueError(f"z_is_counterfactual must be bool, got {self.z_is_counterfactual.dtype}")
+        if self.attention is not None:
+            _expect_dims("attention", self.attention, 3)
+            if len(self.attention_labels or ()) != len(self.attention):
+                raise ValueError(f"attention_labels must name each of the {len(self.attention)} attention maps, "
+                                 f"got {self.attention_labels}")
 
 
 def _expect_dims(name: str, tensor: Tensor, dims: int) -> None:

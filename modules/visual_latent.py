@@ -1,10 +1,15 @@
-"""Text to a 2-D "visual" latent, trained on text alone (spec 004, phases P1 and P2).
+"""Text to a 2-D "visual" latent, trained on text alone (spec 004, phases P1 to P4).
 
 A pre-LN Transformer reads a sentence; a grid cross-attention head paints ``V [B, C, H, W]``
 (``modules.networks``). P1 shapes ``V`` with the analytic image-ness priors only
 (``contrastive_weight: 0``, ``configs/p1_priors.yaml``); P2 adds InfoNCE between readouts
 ``z = g(V)`` of two meaning-preserving views, with the in-batch items and the constructed
-counterfactuals as negatives (``configs/p2_contrastive.yaml``): ``L = L_img + alpha * InfoNCE``.
+counterfactuals as negatives (``configs/p2_contrastive.yaml``): ``L = L_img + alpha * InfoNCE``. P3
+(``configs/p3_invariance.yaml``, from P2's weights) adds ``beta * ||g(T(V(x1))) - g(V(x2))||^2`` with the
+latent jitter ``T`` of ``modules.latent_jitter`` (shifts, mild blur, cutout). P4
+(``configs/p4_decoder.yaml``) trains a decoder ``D_psi`` (``modules.networks.text_decoder``) to write
+each sentence back from its ``V`` and ``z`` by teacher forcing under a vocabulary mask, on a frozen
+encoder and readout (``frozen``); its diagnostics are ``modules.latent_decoding``'s.
 
 Every prior is a per-sentence statistic, so a latent that ignores the text satisfies them all; the
 public attempt at this plan collapsed exactly so. ``text_variance_weight`` (on by default; 0 is the
@@ -13,20 +18,29 @@ validation measures the share of variance that depends on the text (``val/text_d
 
 Validation reports on held-out scenes: the latent's statistics (spectral slope per channel, TV,
 gradient kurtosis, channel correlation), paraphrase retrieval R@1/R@5 and the cosine gap
-``cos(z, z_paraphrase) - cos(z, z_counterfactual)``; the phase gates (``callbacks.phase_gate``)
-read these names.
+``cos(z, z_paraphrase) - cos(z, z_counterfactual)``, how much of the across-sentence variance lies in
+the layout rather than in each map's channel means (``val/spatial_text_dependence``, with the share of a
+map the channel's template explains, ``val/template_share``), and the P3 robustness curve
+``val/shift_cos_{s}px``, ``cos(g(V), g(shift(V, s)))``; the phase gates (``callbacks.phase_gate``)
+read these names. ``val/r1_below_start`` is how far R@1 fell from the starting weights' (P3's "retrieval
+doesn't drop more than 2%"), measured by the full sanity validation a run from ``init_from`` begins with.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from modules.distributed import gather_with_gradients
+from modules.latent_decoding import decoder_logits, decoding_rows, frame_for_decoder
+from modules.latent_decoding import summarize as summarize_decoding
+from modules.latent_jitter import jitter, shift_robustness
 from modules.latent_snapshot import LatentSnapshot
-from modules.losses.contrastive import info_nce, vicreg_regularizer
+from modules.losses.contrastive import info_nce, invariance_loss, vicreg_regularizer
+from modules.losses.decoding import reconstruction_loss, vocabulary_mask
 from modules.losses.image_priors import (
     PRIOR_NAMES,
     gaussian_blur,
@@ -38,13 +52,17 @@ from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
+from modules.networks.text_decoder import LatentTextDecoder
 from modules.networks.text_encoder import TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
-from text.tokenizer import PAD_ID
+from text.blocks.sentences import content_words
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, content_token_table
 
 SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis": 0.05, "cov": 0.05,
                       "var": 0.05}
 MONTAGE_SIZE = 16
+FREEZABLE = ("encoder", "readout")
+ATTENTION_SENTENCES = 4  # montage sentences whose content tokens' attention maps are drawn
 
 
 class VisualLatentText(MethodModule):
@@ -64,6 +82,15 @@ class VisualLatentText(MethodModule):
         text_variance_weight, min_text_variance: the anti-collapse term (0 = the spec's form).
         blur_sigma, blur_epochs: Gaussian blur of V before the priors in the first epochs.
         contrastive_weight: alpha of InfoNCE (0 in P1); temperature: tau (spec 0.07).
+        invariance_weight: beta of P3's jitter invariance (0 before P3; spec 0.2); invariance_unit: compare
+            the directions of ``z`` (default) or raw ``z`` (the spec's literal form, see
+            ``modules.losses.contrastive.invariance_loss``); jitter_prob, max_shift, jitter_blur_sigma,
+            cutout_size: the jitter ``T`` (spec 0.5, 2 px; mild blur, small cutout).
+        decoder_depth: blocks of P4's decoder (0: none, P1 to P3); decoder_dim, decoder_heads,
+            decoder_ffn_dim, decoder_dropout, pixel_mlp: its width and memory (see
+            ``modules.networks.text_decoder``); decoder_weight: gamma of ``L_dec``; vocab_mask: restrict
+            its outputs to the tokens of the training corpus.
+        frozen: networks that do not train (P4: ``[encoder, readout]``); they also stay in eval mode.
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
         alpha_range: channels whose spectral slope lies here count as image-like.
@@ -109,6 +136,21 @@ class VisualLatentText(MethodModule):
         temperature: float = 0.07,
         counterfactual_negatives: bool = True,
         vicreg_weight: float = 0.0,
+        invariance_weight: float = 0.0,
+        invariance_unit: bool = True,
+        jitter_prob: float = 0.5,
+        max_shift: int = 2,
+        jitter_blur_sigma: float = 0.5,
+        cutout_size: int = 4,
+        decoder_depth: int = 0,
+        decoder_dim: int = 384,
+        decoder_heads: int = 8,
+        decoder_ffn_dim: int = 1536,
+        decoder_dropout: float = 0.1,
+        pixel_mlp: bool = False,
+        decoder_weight: float = 1.0,
+        vocab_mask: bool = True,
+        frozen: tuple[str, ...] = (),
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.01,
@@ -121,6 +163,8 @@ class VisualLatentText(MethodModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if invariance_weight and not contrastive_weight:
+            raise ValueError("invariance_weight needs contrastive_weight > 0: P3 builds on P2's readout z")
         self.prior_weights = _checked_prior_weights(prior_weights)
         self.encoder = TextToGrid(
             TextTransformer(vocab_size, max_length, dim, depth, heads, ffn_dim, dropout, positions, PAD_ID),
@@ -131,7 +175,23 @@ class VisualLatentText(MethodModule):
         self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels))
         # P1 has no loss on z: a trainable readout would be a parameter DDP waits for in vain.
         self.readout.requires_grad_(bool(contrastive_weight))
+        self.decoder = None
+        if decoder_depth:
+            self.decoder = LatentTextDecoder(vocab_size, max_length + 2, channels, grid_size, embedding_dim,
+                                             decoder_dim, decoder_depth, decoder_heads, decoder_ffn_dim,
+                                             decoder_dropout, pixel_mlp, PAD_ID)
+            # What the decoder may write and which of its tokens are content, from the training corpus.
+            self.register_buffer("allowed_tokens", torch.ones(vocab_size, dtype=torch.bool))
+            self.register_buffer("content_tokens", torch.zeros(vocab_size, dtype=torch.bool))
+            self.register_buffer("token_tables_built", torch.tensor(False))
+        for name in frozen:
+            if name not in FREEZABLE:
+                raise ValueError(f"frozen names networks of {FREEZABLE}, got {name!r}")
+            getattr(self, name).requires_grad_(False).eval()
         self.latent_snapshot: LatentSnapshot | None = None
+        # R@1 of the starting weights (from init_from), for P3's "retrieval doesn't drop" criterion; kept in
+        # the checkpoint beside the weights (not a buffer, so checkpoints from before it still load).
+        self.start_r1 = float("nan")
         self.load_initial_weights()
 
     # ---- the model -------------------------------------------------------------------------
@@ -141,6 +201,19 @@ class VisualLatentText(MethodModule):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.readout(self.latent(ids))
+
+    def train(self, mode: bool = True) -> VisualLatentText:
+        super().train(mode)
+        for name in self.hparams.frozen:
+            getattr(self, name).eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.decoder is not None and not bool(self.token_tables_built):
+            allowed, content = decoder_token_tables(self.trainer.datamodule, self.hparams.vocab_size)
+            self.allowed_tokens.copy_(allowed)
+            self.content_tokens.copy_(content)
+            self.token_tables_built.fill_(True)
 
     def _latents_of(self, *id_batches: torch.Tensor) -> list[torch.Tensor]:
         """One encoder pass over several batches of ids of different lengths."""
@@ -175,23 +248,37 @@ class VisualLatentText(MethodModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        if not hp.contrastive_weight:
-            latents = self._latents_of(batch["view_a"])
-        elif hp.counterfactual_negatives:
-            latents = self._latents_of(batch["view_a"], batch["view_b"], batch["counterfactual"].flatten(0, 1))
-        else:
-            latents = self._latents_of(batch["view_a"], batch["view_b"])
-        loss, terms = self.prior_loss(torch.cat(latents))
-        logs = {f"train/prior_{name}": value for name, value in terms.items()}
+        with torch.set_grad_enabled("encoder" not in hp.frozen):
+            if not hp.contrastive_weight:
+                latents = self._latents_of(batch["view_a"])
+            elif hp.counterfactual_negatives:
+                latents = self._latents_of(batch["view_a"], batch["view_b"], batch["counterfactual"].flatten(0, 1))
+            else:
+                latents = self._latents_of(batch["view_a"], batch["view_b"])
+        loss, logs = torch.zeros((), device=latents[0].device), {}
+        if "encoder" not in hp.frozen:  # the priors shape the encoder's latent, nothing else
+            loss, terms = self.prior_loss(torch.cat(latents))
+            logs = {f"train/prior_{name}": value for name, value in terms.items()}
         if hp.contrastive_weight:
             z = [self.readout(v) for v in latents]
             nce = self.contrastive_loss(z[0], z[1], z[2] if len(z) == 3 else None)
             loss = loss + hp.contrastive_weight * nce
             logs["train/info_nce"] = nce
+            if hp.invariance_weight:
+                z_jittered = self.readout(jitter(latents[0], hp.jitter_prob, hp.max_shift, hp.jitter_blur_sigma,
+                                                 hp.cutout_size))
+                invariance = invariance_loss(z_jittered, z[1], unit=hp.invariance_unit)
+                loss = loss + hp.invariance_weight * invariance
+                logs["train/invariance"] = invariance
             if hp.vicreg_weight:
                 vicreg = vicreg_regularizer(torch.cat(z[:2]))
                 loss = loss + hp.vicreg_weight * (vicreg["variance"] + vicreg["covariance"])
                 logs |= {f"train/vicreg_{name}": value for name, value in vicreg.items()}
+        if self.decoder is not None:
+            logits, targets = decoder_logits(self.decoder, frame_for_decoder(batch["view_a"]), latents[0],
+                                             self.readout(latents[0]), self._allowed())
+            logs["train/decoder_ce"] = reconstruction_loss(logits, targets)
+            loss = loss + hp.decoder_weight * logs["train/decoder_ce"]
         self.log_dict(logs, on_step=True, on_epoch=False, sync_dist=False)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
@@ -203,13 +290,19 @@ class VisualLatentText(MethodModule):
         v_sentence, v_paraphrase, v_counterfactual = self._latents_of(
             sentence, paraphrases.flatten(0, 1), counterfactuals.flatten(0, 1)
         )
-        return {
+        outputs = {
             "v": v_sentence,
             "z": self.readout(v_sentence),
             "z_paraphrase": self.readout(v_paraphrase).view(b, p, -1),
             "z_counterfactual": self.readout(v_counterfactual).view(b, k, -1),
             "counterfactual_kind": batch["counterfactual_kind"],
         }
+        if self.decoder is not None:
+            outputs["ids"] = F.pad(sentence, (0, self.hparams.max_length - sentence.shape[1]), value=PAD_ID)
+            outputs |= {f"decoding_{name}": values for name, values in decoding_rows(
+                self.decoder, self.readout, sentence, v_sentence, outputs["z"], self._allowed(),
+                self.content_tokens).items()}
+        return outputs
 
     def evaluate(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
         v = outputs["v"].float()
@@ -222,14 +315,87 @@ class VisualLatentText(MethodModule):
             "grad_kurtosis_min": stats["kurtosis"].min(),
             "max_offdiag_correlation": stats["max_offdiag_correlation"],
             "text_dependence": stats["text_dependence"],
+            "spatial_text_dependence": stats["spatial_text_dependence"],
+            "template_share": stats["template_share"],
         }
         metrics |= {f"alpha_c{c}": value for c, value in enumerate(alpha)}
         metrics |= paraphrase_retrieval(outputs["z"], outputs["z_paraphrase"], outputs["z_counterfactual"],
                                         outputs["counterfactual_kind"], COUNTERFACTUAL_KINDS)
+        metrics |= {f"shift_cos_{s}px": value for s, value in shift_robustness(self.readout, v).items()}
+        if self.decoder is not None:
+            rows = {name.removeprefix("decoding_"): values for name, values in outputs.items()
+                    if name.startswith("decoding_")}
+            metrics |= summarize_decoding(rows)
+        if self._record_start_r1(split, float(metrics["r1"])):
+            metrics["r1_below_start"] = self.start_r1 - metrics["r1"]
         # Identical on every rank (computed from gathered outputs), so no reduction is needed.
         self.log_dict({f"{split}/{name}": torch.as_tensor(value, dtype=torch.float32)
                        for name, value in metrics.items()}, sync_dist=False)
-        self.latent_snapshot = _snapshot(v, stats, outputs, self.current_epoch, self.global_step)
+        attention = self._content_attention(outputs) if self.decoder is not None and self._trainer is not None else {}
+        self.latent_snapshot = _snapshot(v, stats, outputs, self.current_epoch, self.global_step, **attention)
+
+    @torch.no_grad()
+    def _content_attention(self, outputs: dict, sentences: int = ATTENTION_SENTENCES) -> dict:
+        """``attention``: the decoder's grid attention ``[T, H, W]`` (last block, heads averaged) at each content
+        token of the first montage sentences; ``attention_labels``: ``sentence: token`` per map."""
+        # Outside the step, so outside autocast: the latents in the weights' precision.
+        ids, v, z = outputs["ids"][:sentences], outputs["v"][:sentences].float(), outputs["z"][:sentences].float()
+        framed = frame_for_decoder(ids)
+        weights = self.decoder.cross_attention(framed[:, :-1], v, z).mean(dim=1)[..., 1:]
+        targets = framed[:, 1:]
+        content = self.content_tokens[targets] & (targets != PAD_ID)
+        tokenizer = self.trainer.datamodule.tokenizer
+        rows = content.nonzero(as_tuple=True)[0]
+        labels = [f"{row}: {tokenizer.id_to_token(token).lstrip('Ġ')}"
+                  for row, token in zip(rows.tolist(), targets[content].tolist())]
+        return {"attention": weights[content].view(-1, *v.shape[2:]).cpu(), "attention_labels": labels}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Each sentence's latent ``V``; with a decoder also its greedy reconstruction from the latent alone
+        and the teacher-forced share of its content tokens the decoder gets right
+        (``callbacks.latent_prediction_writer`` writes them)."""
+        ids = batch["sentence"]
+        v = self.latent(ids)
+        outputs = {"index": batch["index"], "latent": v}
+        if self.decoder is not None:
+            z = self.readout(v)
+            outputs["reconstruction"] = self.decoder.generate(v, z, BOS_ID, EOS_ID, self._allowed())
+            rows = decoding_rows(self.decoder, self.readout, ids, v, z, self._allowed(), self.content_tokens)
+            outputs["content_accuracy"] = rows["content_hits"] / rows["content_tokens"].clamp(min=1)
+        return outputs
+
+    def _allowed(self) -> torch.Tensor | None:
+        return self.allowed_tokens if self.hparams.vocab_mask else None
+
+    def _record_start_r1(self, split: str, r1: float) -> bool:
+        """Whether the starting R@1 is known, taking it at the sanity validation of a run from ``init_from``
+        when that covers the whole validation split (``num_sanity_val_steps: -1``, as P3's config sets; P3's
+        gate needs it, so there a partial one is an error)."""
+        if (self._trainer is not None and self.trainer.sanity_checking and split == "val"
+                and self.hparams.init_from is not None and math.isnan(self.start_r1)):
+            seen, batches = self.trainer.num_sanity_val_batches[0], self.trainer.num_val_batches[0]
+            if seen == batches:
+                self.start_r1 = r1
+            elif self.hparams.invariance_weight:
+                raise ValueError(f"the starting R@1 needs the whole validation split ({batches} batches) in the "
+                                 f"sanity validation, which saw {seen}: set trainer.num_sanity_val_steps: -1")
+        return not math.isnan(self.start_r1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["start_r1"] = self.start_r1
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.start_r1 = checkpoint.get("start_r1", float("nan"))
+
+
+def decoder_token_tables(data, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(allowed, content)`` ``[vocab_size]`` from the datamodule's training corpus: the tokens its
+    sentences use (and EOS) and those that lie in content words (``text.blocks.sentences.content_words``)."""
+    views = data.host_tables("train")["views"]
+    allowed = vocabulary_mask(torch.cat([views.flatten(), torch.tensor([EOS_ID])]), vocab_size)
+    sentences = [sentence for item in data.train_examples for sentence in item["views"]]
+    content = content_token_table(data.tokenizer, sentences, content_words())
+    return allowed, F.pad(content, (0, vocab_size - len(content)))
 
 
 def _checked_prior_weights(weights: dict[str, float] | None) -> dict[str, float]:
@@ -240,7 +406,8 @@ def _checked_prior_weights(weights: dict[str, float] | None) -> dict[str, float]
     return {name: float(weights.get(name, 0.0)) for name in PRIOR_NAMES}
 
 
-def _snapshot(v: torch.Tensor, stats: dict, outputs: dict, epoch: int, step: int) -> LatentSnapshot:
+def _snapshot(v: torch.Tensor, stats: dict, outputs: dict, epoch: int, step: int,
+              attention: torch.Tensor | None = None, attention_labels: list[str] | None = None) -> LatentSnapshot:
     """What the plots need, on the CPU: the montage sentences' latents and a paraphrase-group map."""
     z, z_paraphrase, z_counterfactual = outputs["z"], outputs["z_paraphrase"], outputs["z_counterfactual"]
     groups = torch.arange(len(z), device=z.device)
@@ -263,4 +430,6 @@ def _snapshot(v: torch.Tensor, stats: dict, outputs: dict, epoch: int, step: int
         z_is_counterfactual=is_counterfactual,
         epoch=epoch,
         global_step=step,
+        attention=attention,
+        attention_labels=attention_labels,
     )

@@ -19,9 +19,11 @@ from modules.losses.image_priors import (
     image_prior_terms,
     latent_statistics,
     radial_power_spectrum,
+    spatial_text_dependence,
     spectrum_slope,
     spectrum_slope_loss,
     target_variance_loss,
+    template_share,
     text_dependence,
     text_variance_loss,
     total_variation,
@@ -227,6 +229,25 @@ def test_text_variance_and_dependence_by_hand():
     assert text_dependence(shifted).item() == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ValueError, match="at least 2 sentences"):
         text_dependence(flat[:1])
+
+
+def test_spatial_text_dependence_and_template_share_by_hand():
+    pattern = checkerboard(axis=1)
+    # Brightness levels over one fixed texture: nothing spatial varies between sentences, and the template
+    # explains every map.
+    brightness = torch.stack([pattern, pattern + 2]).unsqueeze(1)
+    assert spatial_text_dependence(brightness).item() == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(template_share(brightness), torch.ones(2, 1))
+    # Channel 0 flips sign between sentences (template 0, all variance spatial); channel 1 is one pattern.
+    along_w, along_h = checkerboard(axis=1), checkerboard(axis=0)
+    latent = torch.stack([torch.stack([along_w, along_h]), torch.stack([-along_w, along_h])])
+    assert spatial_text_dependence(latent).item() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(template_share(latent), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    stats = latent_statistics(latent)
+    assert stats["spatial_text_dependence"] == pytest.approx(1.0) and stats["template_share"] == pytest.approx(0.5)
+    # Half the across-sentence variance in the levels, half in the layout: levels +-1, patterns +-along_w.
+    mixed = torch.stack([along_w + 1, -along_w - 1]).unsqueeze(1)
+    assert spatial_text_dependence(mixed).item() == pytest.approx(0.5, abs=1e-6)
 
 
 def test_prior_terms_are_named_finite_and_differentiable():

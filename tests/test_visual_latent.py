@@ -3,14 +3,18 @@ P2 starts from a P1 checkpoint, 2-process evaluation equals 1-process, the spec-
 
 from __future__ import annotations
 
+import csv
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
+from callbacks.latent_plots import LatentPlots
+from callbacks.latent_prediction_writer import LatentPredictionWriter
 from callbacks.phase_gate import GateCriterion, PhaseGate
 from callbacks.random_state import RandomState
 from datamodules.blocks_text import BlocksTextDataModule
@@ -18,6 +22,7 @@ from modules.visual_latent import VisualLatentText
 from tests.conftest import StopAfterEpoch, quiet_trainer
 from tests.test_cli import cli
 from tests.test_index_tables import InterruptAtStep, Interrupted
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode
 
 TINY_MODEL = {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64, "dropout": 0.0, "head_dim": 16, "head_depth": 1,
               "head_ffn_dim": 32, "query_channels": 8, "grid_size": 16, "embedding_dim": 32,
@@ -118,6 +123,84 @@ def test_p2_starts_from_a_p1_checkpoint(tmp_path):
         tiny(init_from=str(tmp_path / "bad.ckpt"))
 
 
+def test_p3_from_a_p2_checkpoint_measures_the_start_r1_and_learns_shift_invariance(tmp_path):
+    L.seed_everything(0)
+    p2, data = tiny()
+    averaging = EMAWeightAveraging(decay=0.9)  # as in the configs: its state sits beside the weights saved
+    quiet_trainer(4, tmp_path / "p2", [ModelCheckpoint(dirpath=tmp_path / "p2", save_last=True), averaging]).fit(p2, data)
+    before = validate(p2, data, tmp_path)
+    path = str(tmp_path / "p2" / "last.ckpt")
+    continued = {}
+    for beta in (0.0, 2.0):  # P2 continued without and with the invariance term
+        L.seed_everything(1)
+        p3, _ = tiny(init_from=path, invariance_weight=beta, jitter_prob=1.0)
+        trainer = quiet_trainer(4, tmp_path / f"p3_{beta}", enable_checkpointing=False, num_sanity_val_steps=-1)
+        trainer.fit(p3, data)
+        assert p3.start_r1 == pytest.approx(before["val/r1"])  # the sanity validation scored P2's weights
+        continued[beta] = {name: value.item() for name, value in trainer.callback_metrics.items()}
+    after = continued[2.0]
+    assert after["val/r1_below_start"] == pytest.approx(before["val/r1"] - after["val/r1"], abs=1e-6)
+    assert after["val/shift_cos_0px"] == pytest.approx(1.0, abs=1e-5)
+    # the readout sees layout (pool_levels 1, 2), and the invariance term makes it care less
+    assert after["val/shift_cos_4px"] > continued[0.0]["val/shift_cos_4px"]
+    partial = quiet_trainer(1, tmp_path / "partial", enable_checkpointing=False, num_sanity_val_steps=1,
+                            limit_train_batches=1)
+    with pytest.raises(ValueError, match="num_sanity_val_steps: -1"):
+        partial.fit(tiny(init_from=path, invariance_weight=0.2)[0], data)
+    with pytest.raises(ValueError, match="invariance_weight needs contrastive_weight"):
+        tiny(contrastive_weight=0.0, invariance_weight=0.2)
+
+
+def test_p4_decoder_on_a_frozen_p2_encoder_beats_the_unigram_baseline(tmp_path):
+    L.seed_everything(0)
+    p2, data = tiny()
+    quiet_trainer(4, tmp_path / "p2", [ModelCheckpoint(dirpath=tmp_path / "p2", save_last=True)]).fit(p2, data)
+    frozen = {name: value.clone() for name, value in p2.state_dict().items()}
+    p4, _ = tiny(init_from=str(tmp_path / "p2" / "last.ckpt"), contrastive_weight=0.0, decoder_depth=1,
+                 decoder_dim=32, decoder_heads=2, decoder_ffn_dim=64, decoder_dropout=0.0,
+                 frozen=("encoder", "readout"), lr=5e-3)
+    trainer = quiet_trainer(12, tmp_path / "p4", [LatentPlots()], enable_checkpointing=False)
+    trainer.fit(p4, data)
+    assert (tmp_path / "p4" / "plots" / "attention_latest.png").exists()
+    snapshot = p4.latent_snapshot
+    assert snapshot.attention.shape[1:] == (16, 16) and len(snapshot.attention_labels) == len(snapshot.attention)
+    on_grid = snapshot.attention.sum(dim=(1, 2))  # the rest of each token's attention is on z's memory token
+    assert bool((on_grid <= 1 + 1e-5).all()) and bool((on_grid > 0.5).all())
+    metrics = {name: value.item() for name, value in trainer.callback_metrics.items()}
+    for name, value in frozen.items():  # the encoder and readout did not move
+        assert torch.equal(p4.state_dict()[name], value), name
+    assert p4.encoder.training is False and p4.readout.training is False
+    # the unigram baseline: the training corpus's most frequent content token at every content position
+    views = data.host_tables("train")["views"].flatten()
+    content_ids = views[p4.content_tokens[views]]
+    most_frequent = content_ids.mode().values
+    val = data.host_tables("val")["sentence"].flatten()
+    val_content = val[p4.content_tokens[val]]
+    unigram = (val_content == most_frequent).float().mean().item()
+    assert metrics["val/content_accuracy"] > unigram + 0.1  # measured: 0.20 against 0.045
+    assert metrics["val/function_accuracy"] > 0.5
+    assert not p4.allowed_tokens[[PAD_ID, BOS_ID]].any() and p4.allowed_tokens[EOS_ID]
+    assert metrics["val/cross_entropy"] < metrics["val/content_cross_entropy"]  # function tokens are easier
+    assert {"val/shuffle_ce_increase", "val/content_attention_entropy", "val/content_attention_peak"} <= set(metrics)
+    # predict: a file of sentences in, their latents and reconstructions out
+    sentences = [item["sentence"] for item in data.eval_pack["test"][:5]]
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences[:3]) + "\n\n" + "\n".join(sentences[3:]) + "\n")
+    predict_data = BlocksTextDataModule(**(TINY_DATA | {"predict_file": str(tmp_path / "sentences.txt")}))
+    predict_data.load_state_dict(data.state_dict())  # the tokenizer the weights read
+    predictor = quiet_trainer(1, tmp_path / "predict", [LatentPredictionWriter()])
+    predictor.predict(p4, predict_data, return_predictions=False)
+    latents = np.load(tmp_path / "predict" / "latents.npy")
+    with torch.no_grad():
+        expected = p4.latent(encode(data.tokenizer, sentences, data.max_length))
+    np.testing.assert_allclose(latents, expected.numpy(), atol=1e-5)
+    rows = list(csv.DictReader((tmp_path / "predict" / "reconstructions.csv").open()))
+    assert [row["input"] for row in rows] == sentences  # the blank line is skipped
+    assert all(0.0 <= float(row["content_accuracy"]) <= 1.0 and row["output"] for row in rows)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty.txt holds no sentence"):
+        BlocksTextDataModule(**(TINY_DATA | {"predict_file": str(tmp_path / "empty.txt")})).predict_sentences
+
+
 def test_unknown_prior_names_are_rejected():
     with pytest.raises(ValueError, match="unknown priors \\['tvv'\\]"):
         tiny(prior_weights={"tvv": 0.1})
@@ -157,12 +240,16 @@ def test_two_process_evaluation_matches_one_process(tmp_path):
         assert two[name] == pytest.approx(one[name], abs=1e-5), name
 
 
-def test_bf16_mixed_fit_gives_finite_metrics(tmp_path):
+@pytest.mark.parametrize("decoder", [False, True])
+def test_bf16_mixed_fit_gives_finite_metrics(tmp_path, decoder):
     L.seed_everything(0)
-    model, data = tiny()
+    model, data = tiny(**({"decoder_depth": 1, "decoder_dim": 32, "decoder_heads": 2, "decoder_ffn_dim": 64,
+                           "invariance_weight": 0.2} if decoder else {}))
     trainer = quiet_trainer(1, tmp_path, enable_checkpointing=False, limit_train_batches=3, limit_val_batches=1,
                             precision="bf16-mixed")
     trainer.fit(model, data)
     metrics = trainer.callback_metrics
-    for name in ("train/loss_epoch", "train/info_nce", "val/r1", "val/tv", "val/cos_gap", "val/alpha_c0"):
+    names = ["train/loss_epoch", "train/info_nce", "val/r1", "val/tv", "val/cos_gap", "val/alpha_c0", "val/shift_cos_2px"]
+    names += ["train/decoder_ce", "train/invariance", "val/content_accuracy", "val/shuffle_ce_increase"] if decoder else []
+    for name in names:
         assert torch.isfinite(metrics[name]), name

@@ -8,6 +8,7 @@ sentences without them, so its ids are the same with or without a decoder.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -89,3 +90,17 @@ def trim_padding(ids: torch.Tensor) -> torch.Tensor:
     time), not for batches on an accelerator."""
     length = int((ids != PAD_ID).flatten(0, -2).sum(-1).max())
     return ids[..., :length]
+
+
+def content_token_table(tokenizer: Tokenizer, sentences: Sequence[str], content_words: frozenset[str]) -> torch.Tensor:
+    """Per token id, whether it is a content token ``[vocab]`` (bool): most of its occurrences in
+    ``sentences`` lie in a word of ``content_words`` (a byte-level piece is classed by the word it falls
+    in; punctuation and specials are function tokens)."""
+    votes = torch.zeros(tokenizer.get_vocab_size(), 2)
+    for sentence, encoding in zip(sentences, tokenizer.encode_batch(list(sentences), add_special_tokens=False)):
+        words = [(match.start(), match.end(), match.group() in content_words)
+                 for match in re.finditer(r"[a-z0-9]+", sentence.lower())]
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            inside = next((content for first, last, content in words if first < end and start < last), False)
+            votes[token, int(inside)] += 1
+    return votes[:, 1] > votes[:, 0]

@@ -1,4 +1,4 @@
-"""Contrastive objectives on readout embeddings ``z = g(V)`` (spec 004, P2)."""
+"""Contrastive and invariance objectives on readout embeddings ``z = g(V)`` (spec 004, P2 and P3)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ def vicreg_regularizer(z: torch.Tensor, std_target: float = 1.0, eps: float = 1e
         "variance": F.relu(std_target - std).mean(),
         "covariance": off_diagonal.pow(2).sum() / z.shape[1],
     }
+
+
+def invariance_loss(z_jittered: torch.Tensor, z_other: torch.Tensor, unit: bool = True) -> torch.Tensor:
+    """Spec P3's ``||g(T(V(x1))) - g(V(x2))||^2``, averaged over the batch. ``unit`` compares the directions
+    (``2 - 2 cos``): InfoNCE reads ``z`` only through its direction, so on raw ``z`` (``unit=False``, the
+    spec's literal form) the term can be met by shrinking every ``z`` without making anything invariant."""
+    if z_jittered.shape != z_other.shape:
+        raise ValueError(f"jittered and other views differ in shape: {tuple(z_jittered.shape)} and "
+                         f"{tuple(z_other.shape)}")
+    if unit:
+        z_jittered, z_other = F.normalize(z_jittered, dim=-1), F.normalize(z_other, dim=-1)
+    return (z_jittered - z_other).square().sum(dim=-1).mean()

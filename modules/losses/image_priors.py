@@ -250,6 +250,32 @@ def text_dependence(v: Tensor) -> Tensor:
     return _between_sentence_variance(v).mean() / (total + EPS)
 
 
+def spatial_text_dependence(v: Tensor) -> Tensor:
+    """Share of the across-sentence variance left after subtracting each map's channel mean, in ``[0, 1]``.
+
+    ``mean_{c,h,w} Var_batch(V - mean_{h,w} V) / mean_{c,h,w} Var_batch(V)`` (issue 12): near 0 when the
+    sentences differ only in each channel's brightness over a fixed texture, which every per-map prior and a
+    pooled readout accept; a latent whose layout carries the sentence keeps a large share.
+    """
+    v = _checked_latent(v)
+    _check_batch_of_sentences(v)
+    spatial = v - v.mean(dim=(-2, -1), keepdim=True)
+    return _between_sentence_variance(spatial).mean() / (_between_sentence_variance(v).mean() + EPS)
+
+
+def template_share(v: Tensor) -> Tensor:
+    """Per map, the share of its spatial variance the channel's template (the batch-mean map) explains,
+    ``corr(V[b, c], mean_b V[:, c])^2`` over positions; ``[B, C]``. 1 everywhere: one fixed pattern per
+    channel, only rescaled from sentence to sentence (issue 12)."""
+    v = _checked_latent(v)
+    _check_batch_of_sentences(v)
+    maps = v - v.mean(dim=(-2, -1), keepdim=True)
+    template = maps.mean(dim=0, keepdim=True)
+    covariance = (maps * template).sum(dim=(-2, -1))
+    variances = maps.square().sum(dim=(-2, -1)) * template.square().sum(dim=(-2, -1))
+    return covariance.square() / (variances + EPS)
+
+
 def gaussian_blur(v: Tensor, sigma: float = 0.8) -> Tensor:
     """Depthwise separable Gaussian blur, kernel radius ``ceil(3 sigma)``, reflect padding; same shape.
 
@@ -288,7 +314,8 @@ def latent_statistics(v: Tensor) -> dict[str, Tensor | float]:
 
     ``alpha [C]`` is fitted to the batch-mean spectrum ``power [C, K]`` of each channel (the gate wants
     alpha in [1.5, 2.5]); ``kurtosis [C]`` (> 3), ``correlation [C, C]`` (near-diagonal), ``tv``,
-    ``max_offdiag_correlation`` (largest absolute off-diagonal correlation) and ``text_dependence``.
+    ``max_offdiag_correlation`` (largest absolute off-diagonal correlation), ``text_dependence``,
+    ``spatial_text_dependence`` and ``template_share`` (its mean over maps).
     """
     v = _checked_latent(v).detach().to("cpu", torch.float64)
     radii, power = radial_power_spectrum(v)
@@ -303,4 +330,6 @@ def latent_statistics(v: Tensor) -> dict[str, Tensor | float]:
         "correlation": correlation,
         "max_offdiag_correlation": _off_diagonal(correlation).abs().max().item(),
         "text_dependence": text_dependence(v).item(),
+        "spatial_text_dependence": spatial_text_dependence(v).item(),
+        "template_share": template_share(v).mean().item(),
     }

@@ -60,15 +60,35 @@ class MultiHeadAttention(nn.Module):
         self.key_value = nn.Linear(dim, 2 * dim)
         self.output = nn.Linear(dim, dim)
 
-    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor,
-                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def _heads(self, queries: torch.Tensor, keys_values: torch.Tensor,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         q = rearrange(self.query(queries), "b l (h d) -> b h l d", h=self.heads)
         k, v = rearrange(self.key_value(keys_values), "b l (two h d) -> two b h l d", two=2, h=self.heads)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=rearrange(key_mask, "b l -> b 1 1 l"),
+        return q, k, v
+
+    @staticmethod
+    def _mask(key_mask: torch.Tensor, num_queries: int, causal: bool) -> torch.Tensor:
+        mask = rearrange(key_mask, "b l -> b 1 1 l")
+        if causal:  # query i sees keys 0..i (self-attention of a decoder)
+            mask = mask & torch.ones(num_queries, key_mask.shape[1], dtype=torch.bool,
+                                     device=key_mask.device).tril()
+        return mask
+
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = self._heads(queries, keys_values, rotary)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(key_mask, q.shape[2], causal),
                                                   dropout_p=self.dropout if self.training else 0.0)
         return self.output(rearrange(attended, "b h l d -> b l (h d)"))
+
+    def weights(self, queries: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """The attention weights ``[B, heads, Lq, Lk]`` of ``forward`` (no dropout, no rotary), for
+        diagnostics."""
+        q, k, _ = self._heads(queries, keys_values, None)
+        scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        return scores.masked_fill(~self._mask(key_mask, q.shape[2], False), float("-inf")).softmax(dim=-1)
 
 
 class FeedForward(nn.Sequential):

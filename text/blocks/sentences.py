@@ -18,6 +18,7 @@ from itertools import islice
 from typing import TypeVar
 
 from text.blocks.scenes import (
+    COLORS,
     COUNTERFACTUAL_KINDS,
     Group,
     Ref,
@@ -86,6 +87,21 @@ RELATION_VOICES = {
         Voice(("hidden by", "blocked by"), reference_first=True, is_verb=False),
     ),
 }
+
+
+# Words that glue content together rather than carry it (spec 004 P4 "content vs function words"): a
+# relation phrase's articles and prepositions, the copulas, the connectives and the existence templates.
+GLUE_WORDS = frozenset({"a", "an", "the", "of", "to", "in", "by", "is", "are", "and", "while", "there", "also",
+                        "present"})
+
+
+def content_words() -> frozenset[str]:
+    """Every word of the grammar that states a color, a shape, a count or a relation (plurals included)."""
+    shapes = {name + suffix for names in SHAPE_NAMES.values() for name in names for suffix in ("", "s")}
+    numbers = {word for words in NUMBER_WORDS.values() for phrase in words for word in phrase.split()}
+    relations = {word for voices in RELATION_VOICES.values() for voice in voices for phrase in voice.phrases
+                 for form in (phrase, plural_verb(phrase)) for word in form.split()}
+    return frozenset((set(COLORS) | shapes | numbers | relations) - GLUE_WORDS)
 
 
 def plural_verb(phrase: str) -> str:

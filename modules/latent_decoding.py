@@ -1,0 +1,83 @@
+"""Spec 004 P4's decoding of a latent back to its sentence, per evaluation batch: teacher-forced
+cross-entropy and argmax accuracy for content and function tokens, the same cross-entropy on the
+spatially shuffled latent (its readout recomputed: the decoder reads ``D(V(x))``), and how concentrated
+each content token's attention over the grid is. Per-row sums, so that the split's totals add up over
+batches of different widths and over ranks (``summarize``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from modules.losses.decoding import attention_concentration, masked_logits, shuffle_pixels, teacher_forcing
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+SHUFFLE_SEED = 0
+
+
+def frame_for_decoder(ids: torch.Tensor) -> torch.Tensor:
+    """Encoder ids ``[B, L]`` (right-padded, no specials) as ``BOS w_1 .. w_n EOS PAD ..`` ``[B, L + 2]``."""
+    framed = F.pad(ids, (1, 1), value=PAD_ID)
+    framed[:, 0] = BOS_ID
+    lengths = (ids != PAD_ID).sum(dim=1, keepdim=True)
+    return framed.scatter(1, lengths + 1, EOS_ID)
+
+
+def decoder_logits(decoder, framed: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
+                   allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, targets)`` of teacher forcing on ``framed`` ids, restricted to ``allowed`` tokens if given."""
+    inputs, targets = teacher_forcing(framed)
+    logits = decoder(inputs, v, z)
+    return (logits if allowed is None else masked_logits(logits, allowed)), targets
+
+
+def _row_sums(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Sums over the selected entries of each row (padding's masked logits make inf entries elsewhere)."""
+    return torch.where(where, values, 0.0).sum(dim=1)
+
+
+@torch.no_grad()
+def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
+                  allowed: torch.Tensor | None, content_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per sentence ``[B]``: counts and sums the split's decoding metrics are ratios of."""
+    framed = frame_for_decoder(ids)
+    logits, targets = decoder_logits(decoder, framed, v, z, allowed)
+    real = targets != PAD_ID
+    content = content_tokens.to(targets.device)[targets] & real
+    function = real & ~content
+    cross_entropy = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+    hits = (logits.argmax(dim=-1) == targets).float()
+    shuffled = shuffle_pixels(v, torch.Generator(device=v.device).manual_seed(SHUFFLE_SEED))
+    shuffled_logits, _ = decoder_logits(decoder, framed, shuffled, readout(shuffled), allowed)
+    shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
+    # the last block's attention of each target's position over the grid: heads averaged, the z token dropped
+    attention = attention_concentration(decoder.cross_attention(framed[:, :-1], v, z).mean(dim=1)[..., 1:])
+    return {
+        "tokens": real.sum(dim=1).float(), "content_tokens": content.sum(dim=1).float(),
+        "function_tokens": function.sum(dim=1).float(),
+        "content_hits": _row_sums(hits, content), "function_hits": _row_sums(hits, function),
+        "cross_entropy": _row_sums(cross_entropy, real), "content_cross_entropy": _row_sums(cross_entropy, content),
+        "function_cross_entropy": _row_sums(cross_entropy, function),
+        "shuffled_cross_entropy": _row_sums(shuffled_entropy, real),
+        "content_attention_entropy": _row_sums(attention["entropy"], content),
+        "content_attention_peak": _row_sums(attention["peak"], content),
+    }
+
+
+def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The split's decoding metrics from the per-row sums of ``decoding_rows`` (all rows, all ranks):
+    ``content_accuracy``, ``function_accuracy``, ``cross_entropy`` (per token) and its content and function
+    parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the uniform's) and
+    ``content_attention_peak`` (the peak weight over the uniform's)."""
+    total = {name: values.sum() for name, values in rows.items()}
+    tokens, content, function = total["tokens"], total["content_tokens"], total["function_tokens"]
+    cross_entropy = total["cross_entropy"] / tokens
+    return {
+        "content_accuracy": total["content_hits"] / content, "function_accuracy": total["function_hits"] / function,
+        "cross_entropy": cross_entropy, "content_cross_entropy": total["content_cross_entropy"] / content,
+        "function_cross_entropy": total["function_cross_entropy"] / function,
+        "shuffle_ce_increase": total["shuffled_cross_entropy"] / tokens / cross_entropy - 1,
+        "content_attention_entropy": total["content_attention_entropy"] / content,
+        "content_attention_peak": total["content_attention_peak"] / content,
+    }

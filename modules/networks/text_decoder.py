@@ -1,0 +1,125 @@
+"""Spec 004 P4's decoder ``D_psi`` ("Bring in the Text Decoder"): a causal Transformer language model over
+token ids that cross-attends to the flattened latent grid ``V`` (each pixel a memory token with a learned
+2-D position) and to the pooled readout ``z`` (one more memory token).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from modules.networks.grid_head import CrossAttentionBlock
+from modules.networks.text_encoder import EMBEDDING_INIT_STD, MultiHeadAttention, check_token_batch
+
+
+class LatentMemory(nn.Module):
+    """``V [B, C, H, W]`` and ``z [B, E]`` -> memory ``[B, 1 + H W, dim]``: ``z`` projected as the first token,
+    then every pixel's ``C`` values projected (``Linear``, or with ``pixel_mlp`` the spec's "small MLP on V")
+    plus a row and a column embedding. The pixel order is row-major, so memory token ``1 + i W + j`` is
+    pixel ``(i, j)``."""
+
+    def __init__(self, channels: int, grid_size: int, embedding_dim: int, dim: int, pixel_mlp: bool = False) -> None:
+        super().__init__()
+        self.grid_size = grid_size
+        self.pixel = (nn.Sequential(nn.Linear(channels, dim), nn.GELU(), nn.Linear(dim, dim)) if pixel_mlp
+                      else nn.Linear(channels, dim))
+        self.rows = nn.Parameter(torch.empty(grid_size, 1, dim))
+        self.columns = nn.Parameter(torch.empty(1, grid_size, dim))
+        for table in (self.rows, self.columns):
+            nn.init.trunc_normal_(table, std=EMBEDDING_INIT_STD)
+        self.summary = nn.Linear(embedding_dim, dim)
+
+    def forward(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if v.dim() != 4 or v.shape[2:] != (self.grid_size, self.grid_size):
+            raise ValueError(f"v must have shape [B, C, {self.grid_size}, {self.grid_size}], got {tuple(v.shape)}")
+        pixels = self.pixel(rearrange(v, "b c h w -> b h w c")) + self.rows + self.columns
+        return torch.cat([self.summary(z).unsqueeze(1), rearrange(pixels, "b h w d -> b (h w) d")], dim=1)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN: ``x + SelfAttn_causal(LN(x))``, then the grid head's cross-attention block over the memory
+    (``x + CrossAttn(LN(x), LN(memory))``, ``x + FFN(LN(x))``)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_attention = MultiHeadAttention(dim, heads, dropout)
+        self.residual_dropout = nn.Dropout(dropout)
+        self.cross = CrossAttentionBlock(dim, heads, ffn_dim, dropout)
+
+    def attend_to_prefix(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        normed = self.self_norm(x)
+        return x + self.residual_dropout(self.self_attention(normed, normed, mask, causal=True))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        return self.cross(self.attend_to_prefix(x, mask), memory, memory_mask(memory))
+
+    def cross_attention_weights(self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        queries = self.cross.query_norm(self.attend_to_prefix(x, mask))
+        return self.cross.attention.weights(queries, self.cross.token_norm(memory), memory_mask(memory))
+
+
+def memory_mask(memory: torch.Tensor) -> torch.Tensor:
+    """Every memory token is real."""
+    return torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
+
+
+class LatentTextDecoder(nn.Module):
+    """``D_psi(ids, V, z)``: logits ``[B, L, vocab]`` of each next token given the ids so far (teacher
+    forcing: ``ids`` starts with BOS) and the memory of ``LatentMemory``; learned absolute positions."""
+
+    def __init__(self, vocab_size: int, max_length: int, channels: int, grid_size: int, embedding_dim: int,
+                 dim: int = 384, depth: int = 4, heads: int = 8, ffn_dim: int = 1536, dropout: float = 0.1,
+                 pixel_mlp: bool = False, pad_id: int = 0) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.memory = LatentMemory(channels, grid_size, embedding_dim, dim, pixel_mlp)
+        self.token_embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        nn.init.normal_(self.token_embedding.weight, std=EMBEDDING_INIT_STD)
+        self.position_embedding = nn.Parameter(torch.empty(max_length, dim))
+        nn.init.trunc_normal_(self.position_embedding, std=EMBEDDING_INIT_STD)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, ffn_dim, dropout) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, vocab_size)
+
+    def _states(self, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+        if ids.dim() != 2 or ids.shape[1] > self.max_length:
+            raise ValueError(f"ids must have shape [B, L] with L <= {self.max_length}, got {tuple(ids.shape)}")
+        mask = ids != self.pad_id
+        check_token_batch(ids, mask, "ids")
+        x = self.embedding_dropout(self.token_embedding(ids) + self.position_embedding[: ids.shape[1]])
+        return x, mask, self.memory(v, z)
+
+    def forward(self, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x, mask, memory = self._states(ids, v, z)
+        for block in self.blocks:
+            x = block(x, mask, memory)
+        return self.to_logits(self.final_norm(x))
+
+    @torch.no_grad()
+    def cross_attention(self, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The last block's cross-attention weights ``[B, heads, L, 1 + H W]`` (memory token 0 is ``z``)."""
+        x, mask, memory = self._states(ids, v, z)
+        for block in self.blocks[:-1]:
+            x = block(x, mask, memory)
+        return self.blocks[-1].cross_attention_weights(x, mask, memory)
+
+    @torch.no_grad()
+    def generate(self, v: torch.Tensor, z: torch.Tensor, bos_id: int, eos_id: int,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding from the latent alone: ids ``[B, L]`` starting with ``bos_id``, each row padded
+        after its first ``eos_id``; at most ``max_length`` ids. ``allowed`` restricts the tokens written."""
+        ids = torch.full((len(v), 1), bos_id, dtype=torch.long, device=v.device)
+        finished = torch.zeros(len(v), dtype=torch.bool, device=v.device)
+        while ids.shape[1] < self.max_length and not bool(finished.all()):
+            logits = self(ids, v, z)[:, -1]
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+            step = torch.where(finished, self.pad_id, logits.argmax(dim=-1))
+            ids = torch.cat([ids, step.unsqueeze(1)], dim=1)
+            finished = finished | (step == eos_id)
+        return ids

@@ -1,0 +1,132 @@
+"""Spec 004 P4's decoder and its objective: teacher forcing against hand-computed cross-entropies, the
+vocabulary mask, the shuffle ablation, attention concentration, and the decoder's causality and memory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modules.losses.decoding import (
+    attention_concentration,
+    masked_logits,
+    reconstruction_loss,
+    shuffle_pixels,
+    teacher_forcing,
+    token_accuracy,
+    token_cross_entropy,
+    vocabulary_mask,
+)
+from modules.networks.text_decoder import LatentTextDecoder
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+def test_teacher_forced_loss_by_hand():
+    framed = torch.tensor([[BOS_ID, 5, EOS_ID, PAD_ID]])
+    inputs, targets = teacher_forcing(framed)
+    assert inputs.tolist() == [[BOS_ID, 5, EOS_ID]] and targets.tolist() == [[5, EOS_ID, PAD_ID]]
+    logits = torch.zeros(1, 3, 6)
+    logits[0, 0, 5] = math.log(3.0)  # p(5) = 3 / (3 + 5) after BOS
+    logits[0, 1, EOS_ID] = 10.0  # the padding target's logits are ignored, whatever they are
+    logits[0, 2] = torch.arange(6.0)
+    expected = (-math.log(3 / 8) + -math.log(math.exp(10) / (math.exp(10) + 5))) / 2
+    assert reconstruction_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    content = torch.tensor([[True, False, False]])
+    assert token_cross_entropy(logits, targets, content).item() == pytest.approx(-math.log(3 / 8), rel=1e-6)
+    assert token_accuracy(logits, targets, content).item() == 1.0  # argmax 5 at the first position
+    with pytest.raises(ValueError, match="starting with BOS"):
+        teacher_forcing(torch.tensor([[5, EOS_ID]]))
+
+
+def test_no_masked_token_can_be_produced():
+    corpus = torch.tensor([[BOS_ID, 4, 7, EOS_ID, PAD_ID], [BOS_ID, 7, 9, 9, EOS_ID]])
+    allowed = vocabulary_mask(corpus, 12)
+    assert allowed.nonzero().flatten().tolist() == [EOS_ID, 4, 7, 9]
+    logits = masked_logits(torch.randn(64, 5, 12, generator=torch.Generator().manual_seed(0)) * 5, allowed)
+    assert allowed[logits.argmax(dim=-1)].all()
+    probabilities = logits.softmax(dim=-1)
+    assert probabilities[..., ~allowed].sum() == 0
+    samples = torch.multinomial(probabilities.flatten(0, 1), 200, replacement=True)
+    assert allowed[samples].all()
+
+
+def test_shuffle_keeps_every_map_s_values_and_moves_its_layout():
+    v = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    shuffled = shuffle_pixels(v, torch.Generator().manual_seed(2))
+    assert torch.equal(shuffled.flatten(2).sort(dim=-1).values, v.flatten(2).sort(dim=-1).values)
+    torch.testing.assert_close(shuffled.mean(dim=(2, 3)), v.mean(dim=(2, 3)))
+    assert (shuffled != v).float().mean() > 0.9
+    # each map has its own permutation: two identical channels end up different
+    twins = v[:, :1].expand(3, 2, 8, 8).contiguous()
+    assert not torch.equal(*shuffle_pixels(twins, torch.Generator().manual_seed(3)).unbind(1))
+
+
+def test_attention_concentration_by_hand():
+    rows = torch.zeros(3, 16)
+    rows[0] = 1 / 16  # uniform
+    rows[1, 3] = 1.0  # one position
+    rows[2, :2] = 0.5  # two positions
+    found = attention_concentration(rows)
+    torch.testing.assert_close(found["entropy"], torch.tensor([1.0, 0.0, math.log(2) / math.log(16)]))
+    torch.testing.assert_close(found["peak"], torch.tensor([1.0, 16.0, 8.0]))
+
+
+def test_decoder_is_causal_reads_the_layout_and_reports_its_attention():
+    torch.manual_seed(0)
+    decoder = LatentTextDecoder(vocab_size=20, max_length=8, channels=3, grid_size=4, embedding_dim=5, dim=16,
+                                depth=2, heads=2, ffn_dim=32, dropout=0.0).eval()
+    ids = torch.tensor([[BOS_ID, 4, 5, 6], [BOS_ID, 7, EOS_ID, PAD_ID]])
+    v, z = torch.randn(2, 3, 4, 4), torch.randn(2, 5)
+    logits = decoder(ids, v, z)
+    assert logits.shape == (2, 4, 20)
+    changed = ids.clone()
+    changed[0, 3] = 9  # a later token cannot change earlier predictions
+    torch.testing.assert_close(decoder(changed, v, z)[0, :3], logits[0, :3])
+    assert not torch.allclose(decoder(ids, shuffle_pixels(v), z), logits)  # the pixels' places matter
+    weights = decoder.cross_attention(ids, v, z)
+    assert weights.shape == (2, 2, 4, 1 + 16)
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, 2, 4))
+    with pytest.raises(ValueError, match=r"v must have shape \[B, C, 4, 4\]"):
+        decoder(ids, torch.randn(2, 3, 5, 5), z)
+
+
+def test_content_tokens_are_the_color_shape_count_and_relation_words():
+    from text.blocks import training_examples
+    from text.blocks.sentences import content_words
+    from text.tokenizer import content_token_table, train_bpe
+
+    sentences = [s for item in training_examples(60, 0, 2, 1) for s in item["views"]]
+    tokenizer = train_bpe(sentences, vocab_size=400)
+    table = content_token_table(tokenizer, sentences, content_words())
+    words = {tokenizer.id_to_token(i).lstrip("Ġ"): bool(table[i]) for i in range(tokenizer.get_vocab_size())}
+    assert words["red"] and words["cube"] and words["two"] and words["left"]
+    assert not words["the"] and not words["of"] and not words[","]
+    assert not table[[PAD_ID, BOS_ID, EOS_ID]].any()
+
+
+def test_greedy_generation_follows_the_argmax_stops_at_eos_and_keeps_to_the_vocabulary():
+    torch.manual_seed(0)
+    decoder = LatentTextDecoder(vocab_size=12, max_length=6, channels=2, grid_size=4, embedding_dim=3, dim=16,
+                                depth=1, heads=2, ffn_dim=32, dropout=0.0).eval()
+    v, z = torch.randn(5, 2, 4, 4), torch.randn(5, 3)
+    allowed = torch.zeros(12, dtype=torch.bool)
+    allowed[[EOS_ID, 4, 5, 6]] = True
+    ids = decoder.generate(v, z, BOS_ID, EOS_ID, allowed)
+    assert ids.shape[1] <= 6 and (ids[:, 0] == BOS_ID).all()
+    for row in ids.tolist():
+        written = row[1:]
+        if EOS_ID in written:  # nothing but padding after the end
+            assert all(token == PAD_ID for token in written[written.index(EOS_ID) + 1:])
+            written = written[: written.index(EOS_ID) + 1]
+        assert all(allowed[token] for token in written)
+    # each written token is the masked argmax given the prefix
+    prefix = ids[:, :-1].clone()
+    prefix[prefix == PAD_ID] = EOS_ID  # positions after the end are not checked below
+    logits = masked_logits(decoder(prefix, v, z), allowed)
+    live = torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    for row in range(len(ids)):
+        tokens = ids[row, 1:].tolist()
+        if EOS_ID in tokens:
+            live[row, tokens.index(EOS_ID) + 1:] = False
+    assert torch.equal(logits.argmax(dim=-1)[live], ids[:, 1:][live])
