@@ -14,8 +14,6 @@ from modules.losses.decoding import (
     reconstruction_loss,
     shuffle_pixels,
     teacher_forcing,
-    token_accuracy,
-    token_cross_entropy,
     vocabulary_mask,
 )
 from modules.networks.text_decoder import LatentTextDecoder
@@ -32,9 +30,6 @@ def test_teacher_forced_loss_by_hand():
     logits[0, 2] = torch.arange(6.0)
     expected = (-math.log(3 / 8) + -math.log(math.exp(10) / (math.exp(10) + 5))) / 2
     assert reconstruction_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
-    content = torch.tensor([[True, False, False]])
-    assert token_cross_entropy(logits, targets, content).item() == pytest.approx(-math.log(3 / 8), rel=1e-6)
-    assert token_accuracy(logits, targets, content).item() == 1.0  # argmax 5 at the first position
     with pytest.raises(ValueError, match="starting with BOS"):
         teacher_forcing(torch.tensor([[5, EOS_ID]]))
 

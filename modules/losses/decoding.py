@@ -1,6 +1,7 @@
 """Spec 004 P4's reconstruction objective and its diagnostics, as pure functions: ``L_dec = CE(x, D(V(x)))``
-under teacher forcing and a constrained vocabulary, token accuracy by token kind, the spatial shuffle
-ablation, and how concentrated a token's attention over the grid is.
+under teacher forcing and a constrained vocabulary, the spatial shuffle ablation, and how concentrated a
+token's attention over the grid is. Token accuracy and cross-entropy by token kind are
+``modules.latent_decoding``'s, summed per sentence.
 """
 
 from __future__ import annotations
@@ -40,19 +41,6 @@ def masked_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the non-padding targets (``logits [B, L, V]``, ``targets [B, L]``)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD_ID)
-
-
-def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Share of the targets selected by ``where [B, L]`` (bool) that the argmax predicts."""
-    hits = (logits.argmax(dim=-1) == targets) & where
-    return hits.sum() / where.sum().clamp(min=1)
-
-
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the targets selected by ``where``."""
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    selected = where.flatten()
-    return (losses * selected).sum() / selected.sum().clamp(min=1)
 
 
 def shuffle_pixels(v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
