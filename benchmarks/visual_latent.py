@@ -1,4 +1,4 @@
-"""Spec 004 phases P1 to P3 on the CPU profiles, scored by their phase gates.
+"""Spec 004 phases P1 to P4 on the CPU profiles, scored by their phase gates.
 
     python benchmarks/visual_latent.py --out benchmarks/results/visual_latent.json
     python benchmarks/visual_latent.py --runs p1 p2 p2_scratch p1_spec_var p3 p3_spec_raw --out FILE.json
@@ -8,13 +8,16 @@ profile); ``p2`` starts from the last checkpoint of ``p1``, ``p2_scratch`` is th
 ``make demo`` runs it, ``p1_spec_var`` is P1 with the anti-collapse term off (the spec's literal
 priors); ``p3`` starts from the last checkpoint of ``p2`` (or of ``p2_scratch`` without it), and
 ``p3_spec_raw`` is P3 with the spec's literal invariance term on raw ``z``; ``p4`` trains the decoder on the
-frozen encoder of ``p3`` (or ``p2``, ``p2_scratch``). Prints a markdown table of every gate criterion's value and writes
+frozen encoder of ``p3`` (or ``p2``, ``p2_scratch``), and ``p4_seed1``, ``p4_seed2`` do the same under other
+seeds (the decoder's weights, the corpus and its draws; the encoder is the same). ``p2_spec_latent`` is the
+main job with the spec's literal latent (the grid head alone, its maps read raw), ``p4_spec_latent`` P4 on it. Prints a markdown table of every gate criterion's value and writes
 ``{"runs": [{"run", "phase", "passed", "wall_seconds", "criteria": [...]}], ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -26,15 +29,20 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.record import write_record  # noqa: E402
+from callbacks.latent_prediction_writer import LatentPredictionWriter  # noqa: E402
 from cli import main as cli_main  # noqa: E402
 
 P1 = ["configs/p1_priors.yaml", "configs/profiles/p1_priors_cpu.yaml"]
 P2 = ["configs/p2_contrastive.yaml", "configs/profiles/p2_contrastive_cpu.yaml"]
 P3 = ["configs/p3_invariance.yaml", "configs/profiles/p3_invariance_cpu.yaml"]
 P4 = ["configs/p4_decoder.yaml", "configs/profiles/p4_decoder_cpu.yaml"]
+# The spec's literal latent: the grid head alone, read with each map's brightness and contrast (the configs'
+# default is slot blobs over that texture, read through standardized maps).
+SPEC_LATENT = ["--model.init_args.latent_head", "grid", "--model.init_args.standardize_maps", "false"]
 # Per run: its configs, its options, and the runs whose last checkpoint it may start from (the first present).
 RUNS = {
     "p1": (P1, [], ()),
@@ -44,14 +52,20 @@ RUNS = {
     "p3": (P3, [], ("p2", "p2_scratch")),
     "p3_spec_raw": (P3, ["--model.init_args.invariance_unit", "false"], ("p2", "p2_scratch")),
     "p4": (P4, [], ("p3", "p2", "p2_scratch")),
+    **{f"p4_seed{seed}": (P4, ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)],
+                          ("p3", "p2", "p2_scratch")) for seed in (1, 2)},
+    "p2_spec_latent": (P2, SPEC_LATENT, ()),
+    "p4_spec_latent": (P4, SPEC_LATENT, ("p2_spec_latent",)),
 }
 
 
+RECONSTRUCTED = 10  # held-out sentences whose reconstructions a decoder run reports
 # Read at the last validation beside the gate: where the latent's across-sentence variance lies, and
 # whether it tells who is related to whom (the cosine gap against swapped relation arguments).
 REPORTED = ("r1", "cos_gap", "cos_gap_swap_arguments", "text_dependence", "spatial_text_dependence",
             "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px", "content_accuracy",
-            "function_accuracy", "shuffle_ce_increase", "content_attention_entropy")
+            "content_exact_accuracy", "content_exact_ceiling", "function_accuracy", "shuffle_ce_increase",
+            "content_attention_entropy")
 
 
 def start_options(name: str, done: list[str], workdir: Path) -> list[str]:
@@ -66,23 +80,47 @@ def start_options(name: str, done: list[str], workdir: Path) -> list[str]:
 
 def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str]) -> dict:
     configs, options, _ = RUNS[name]
+    if "--seed_everything" in options:  # a run under its own seed
+        seed = int(options[options.index("--seed_everything") + 1])
     root = workdir / name
     args = ["fit"]
     for config in configs:
         args += ["--config", str(REPO / config)]
-    args += [*options, *start_options(name, done, workdir)]
     args += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
              "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    args += [*options, *start_options(name, done, workdir), *extra]
     start = time.perf_counter()
     cli = cli_main(args)
     seconds = time.perf_counter() - start
     report = json.loads((root / "gate_report.json").read_text())
     last = cli.trainer.callback_metrics
-    return {"run": name, "seed": seed, "phase": report["phase"], "passed": report["passed"],
-            "evaluations": report["evaluations"], "global_step": report["global_step"],
-            "wall_seconds": seconds, "criteria": report["criteria"],
-            "metrics": {key: float(last[f"val/{key}"]) for key in REPORTED if f"val/{key}" in last}}
+    result = {"run": name, "seed": seed, "phase": report["phase"], "passed": report["passed"],
+              "evaluations": report["evaluations"], "global_step": report["global_step"],
+              "wall_seconds": seconds, "criteria": report["criteria"],
+              "metrics": {key: float(last[f"val/{key}"]) for key in REPORTED if f"val/{key}" in last}}
+    if cli.model.decoder is not None:
+        result["reconstructions"] = reconstructions(cli, root)
+    return result
+
+
+def reconstructions(cli, root: Path, count: int = RECONSTRUCTED) -> list[dict]:
+    """The first ``count`` held-out test sentences through ``cli.py predict`` on the trained model: each input,
+    its greedy reconstruction from the latent alone and its teacher-forced content accuracies."""
+    data = cli.datamodule
+    sentences = [item["sentence"] for item in data.eval_pack["test"][:count]]
+    path = root / "reconstruct.txt"
+    path.write_text("\n".join(sentences) + "\n")
+    options = {key: value for key, value in data.hparams.items() if not key.startswith("_")}
+    predict_data = type(data)(**(options | {"predict_file": str(path)}))
+    predict_data.load_state_dict(data.state_dict())  # the tokenizer the weights read
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(root / "predict"), callbacks=[LatentPredictionWriter()])
+    trainer.predict(cli.model, predict_data, return_predictions=False)
+    with (root / "predict" / "reconstructions.csv").open() as handle:
+        return [{key: row[key] for key in ("input", "output")}
+                | {key: float(row[key]) for key in ("content_accuracy", "content_exact_accuracy")}
+                for row in csv.DictReader(handle)]
 
 
 def markdown(results: list[dict]) -> str:
@@ -105,6 +143,14 @@ def metrics_table(results: list[dict]) -> str:
     for r in results:
         cells = [f"{r['metrics'][key]:.3g}" if key in r["metrics"] else "" for key in REPORTED]
         lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reconstructions_table(rows: list[dict]) -> str:
+    lines = ["| input | reconstruction (greedy, from the latent) | content acc. (meaning) | content acc. (exact) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['input']} | {r['output']} | {r['content_accuracy']:.2f} | {r['content_exact_accuracy']:.2f} |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -131,6 +177,9 @@ def main() -> None:
     print(markdown(results))
     print()
     print(metrics_table(results))
+    for result in results:
+        if "reconstructions" in result:
+            print(f"\n{result['run']}:\n" + reconstructions_table(result["reconstructions"]))
     write_record(args.out, {"results": results}, args.threads)
 
 

@@ -42,9 +42,10 @@ class LatentPredictionWriter(BasePredictionWriter):
         data = trainer.datamodule
         sentences = data.predict_sentences
         outputs = [sentence for batch in batches for sentence in decode(data.tokenizer, batch["reconstruction"].cpu())]
-        accuracy = torch.cat([batch["content_accuracy"] for batch in batches]).cpu().tolist()
+        columns = ("content_accuracy", "content_exact_accuracy")
+        shares = zip(*(torch.cat([batch[name] for batch in batches]).cpu().tolist() for name in columns))
         with self._path(trainer, "reconstructions.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["index", "input", "output", "content_accuracy"])
-            writer.writerows((i, sentences[i], output, f"{share:.4f}")
-                             for i, output, share in zip(index.tolist(), outputs, accuracy))
+            writer.writerow(["index", "input", "output", *columns])
+            writer.writerows((i, sentences[i], output, *(f"{share:.4f}" for share in row))
+                             for i, output, row in zip(index.tolist(), outputs, shares))

@@ -7,7 +7,10 @@ Every epoch draws, per scene, two distinct views and one counterfactual from a g
 
 Validation and test read the evaluation pack shipped with the code (held-out scenes of the val and
 test splits): each item's sentence, its paraphrases and its counterfactuals. ``predict`` reads the
-sentences of ``predict_file`` (one per line), a ``sentence [b, L]`` per batch.
+sentences of ``predict_file`` (one per line), a ``sentence [b, L]`` per batch. Evaluation and predict
+batches also carry, per decoder target, the tokens the sentence's meaning allows there and the one most of
+its realizations write (``accepted [b, L + 1, K]``, ``best_continuation [b, L + 1]``,
+``text.blocks.continuations``), which score a decoder on meaning rather than on wording.
 
 All ids are held as tensors, moved once to the module's device, and gathered there per batch
 (``datamodules.index_tables``). Each batch is cut to its longest sentence: the width is read on the
@@ -28,6 +31,7 @@ from tokenizers import Tokenizer
 from datamodules.index_batches import IndexBatchLoader, ItemDraw
 from datamodules.index_tables import IndexTablesDataModule
 from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
+from text.blocks.continuations import continuation_tables
 from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
 
 EVAL_ID_KEYS = ("sentence", "paraphrases", "counterfactuals")
@@ -169,11 +173,22 @@ class BlocksTextDataModule(IndexTablesDataModule):
             self._tensors[f"{split}_counterfactual_kind"] = torch.tensor(
                 [[COUNTERFACTUAL_KINDS.index(kind) for kind in item["counterfactual_kinds"]] for item in items]
             )
+            self._add_continuations(split, [item["sentence"] for item in items])
         if self.hparams.predict_file is not None:
             self._tensors["predict_sentence"] = self._encode_predict_file(Path(self.hparams.predict_file))
+            self._add_continuations("predict", self.predict_sentences)
         self._lengths = {name: (self._tensors[name] != PAD_ID).sum(-1) for name in self._tensors
                          if name in ID_TABLES or name == "predict_sentence"}
         self.clear_device_tables()
+
+    def _add_continuations(self, split: str, sentences: list[str]) -> None:
+        tables = continuation_tables(self.tokenizer, sentences, self.hparams.max_length + 1)
+        if split != "predict" and not bool(tables["parsed"].all()):
+            raise ValueError(f"the evaluation pack's {split} sentence "
+                             f"{sentences[int((~tables['parsed']).nonzero()[0])]!r} is outside the grammar")
+        self._tensors[f"{split}_accepted"] = tables["accepted"]
+        self._tensors[f"{split}_best_continuation"] = tables["best"]
+        self._tensors[f"{split}_parsed"] = tables["parsed"]
 
     @property
     def predict_sentences(self) -> list[str]:
@@ -281,7 +296,8 @@ class BlocksTextDataModule(IndexTablesDataModule):
         """Gather token ids on the device, each field cut to the batch's ``width`` (computed on the
         host): ``view_a``, ``view_b`` ``[b, L]`` and ``counterfactual`` ``[b, n, L]`` in training;
         ``sentence [b, L]``, ``paraphrases [b, P, L]``, ``counterfactuals [b, K, L]`` and
-        ``counterfactual_kind [b, K]`` (index into ``COUNTERFACTUAL_KINDS``) in evaluation."""
+        ``counterfactual_kind [b, K]`` (index into ``COUNTERFACTUAL_KINDS``) in evaluation; in evaluation
+        and predict, ``accepted [b, L + 1, K']``, ``best_continuation [b, L + 1]`` and ``parsed [b]``."""
         index, width = batch["index"], batch.pop("width")
         tables = self.device_tables(split, index.device)
         if split == "train":
@@ -290,6 +306,10 @@ class BlocksTextDataModule(IndexTablesDataModule):
             batch["view_b"] = views[index, batch["view_b"], : width["view_b"]]
             batch["counterfactual"] = counterfactuals[index[:, None], batch["counterfactual"], : width["counterfactual"]]
             return batch
+        targets = width["sentence"] + 1  # the decoder writes the sentence, then EOS
+        batch["accepted"] = tables["accepted"][index, :targets]
+        batch["best_continuation"] = tables["best_continuation"][index, :targets]
+        batch["parsed"] = tables["parsed"][index]
         if split == "predict":
             batch["sentence"] = tables["sentence"][index, : width["sentence"]]
             return batch

@@ -39,15 +39,25 @@ def _row_sums(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
-                  allowed: torch.Tensor | None, content_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per sentence ``[B]``: counts and sums the split's decoding metrics are ratios of."""
+                  allowed: torch.Tensor | None, content_tokens: torch.Tensor, accepted: torch.Tensor,
+                  best_continuation: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per sentence ``[B]``: counts and sums the split's decoding metrics are ratios of.
+
+    A prediction is a hit when the sentence's meaning allows it there (``accepted [B, L + 1, K]``, the
+    continuations of ``text.blocks.continuations``), an exact hit when it is the sentence's own token; the
+    ceiling of exact hits for a decoder that knows the meaning but not the wording is how often
+    ``best_continuation [B, L + 1]`` is the sentence's own token.
+    """
     framed = frame_for_decoder(ids)
     logits, targets = decoder_logits(decoder, framed, v, z, allowed)
     real = targets != PAD_ID
     content = content_tokens.to(targets.device)[targets] & real
     function = real & ~content
     cross_entropy = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
-    hits = (logits.argmax(dim=-1) == targets).float()
+    predicted = logits.argmax(dim=-1)
+    exact_hits = (predicted == targets).float()
+    hits = (predicted.unsqueeze(-1) == accepted).any(dim=-1).float()
+    ceiling_hits = (best_continuation == targets).float()
     shuffled = shuffle_pixels(v, torch.Generator(device=v.device).manual_seed(SHUFFLE_SEED))
     shuffled_logits, _ = decoder_logits(decoder, framed, shuffled, readout(shuffled), allowed)
     shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
@@ -57,6 +67,7 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
         "tokens": real.sum(dim=1).float(), "content_tokens": content.sum(dim=1).float(),
         "function_tokens": function.sum(dim=1).float(),
         "content_hits": _row_sums(hits, content), "function_hits": _row_sums(hits, function),
+        "content_exact_hits": _row_sums(exact_hits, content), "content_ceiling_hits": _row_sums(ceiling_hits, content),
         "cross_entropy": _row_sums(cross_entropy, real), "content_cross_entropy": _row_sums(cross_entropy, content),
         "function_cross_entropy": _row_sums(cross_entropy, function),
         "shuffled_cross_entropy": _row_sums(shuffled_entropy, real),
@@ -67,7 +78,9 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
 
 def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The split's decoding metrics from the per-row sums of ``decoding_rows`` (all rows, all ranks):
-    ``content_accuracy``, ``function_accuracy``, ``cross_entropy`` (per token) and its content and function
+    ``content_accuracy`` and ``function_accuracy`` (hits the meaning allows), ``content_exact_accuracy`` (the
+    sentence's own tokens, the spec's literal measure) and its ``content_exact_ceiling`` for a decoder that
+    knows the meaning and not the wording, ``cross_entropy`` (per token) and its content and function
     parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the uniform's) and
     ``content_attention_peak`` (the peak weight over the uniform's)."""
     total = {name: values.sum() for name, values in rows.items()}
@@ -75,6 +88,8 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cross_entropy = total["cross_entropy"] / tokens
     return {
         "content_accuracy": total["content_hits"] / content, "function_accuracy": total["function_hits"] / function,
+        "content_exact_accuracy": total["content_exact_hits"] / content,
+        "content_exact_ceiling": total["content_ceiling_hits"] / content,
         "cross_entropy": cross_entropy, "content_cross_entropy": total["content_cross_entropy"] / content,
         "function_cross_entropy": total["function_cross_entropy"] / function,
         "shuffle_ce_increase": total["shuffled_cross_entropy"] / tokens / cross_entropy - 1,

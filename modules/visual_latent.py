@@ -1,7 +1,9 @@
 """Text to a 2-D "visual" latent, trained on text alone (spec 004, phases P1 to P4).
 
 A pre-LN Transformer reads a sentence; a grid cross-attention head paints ``V [B, C, H, W]``
-(``modules.networks``). P1 shapes ``V`` with the analytic image-ness priors only
+(``modules.networks``), optionally with the spec's slot-attention variant's Gaussian blobs over it
+(``latent_head``); the readout, and P4's decoder, may see each map standardized, so that only the
+layout can carry the sentence (``standardize_maps``: the configs' default). P1 shapes ``V`` with the analytic image-ness priors only
 (``contrastive_weight: 0``, ``configs/p1_priors.yaml``); P2 adds InfoNCE between readouts
 ``z = g(V)`` of two meaning-preserving views, with the in-batch items and the constructed
 counterfactuals as negatives (``configs/p2_contrastive.yaml``): ``L = L_img + alpha * InfoNCE``. P3
@@ -9,7 +11,8 @@ counterfactuals as negatives (``configs/p2_contrastive.yaml``): ``L = L_img + al
 latent jitter ``T`` of ``modules.latent_jitter`` (shifts, mild blur, cutout). P4
 (``configs/p4_decoder.yaml``) trains a decoder ``D_psi`` (``modules.networks.text_decoder``) to write
 each sentence back from its ``V`` and ``z`` by teacher forcing under a vocabulary mask, on a frozen
-encoder and readout (``frozen``); its diagnostics are ``modules.latent_decoding``'s.
+encoder and readout (``frozen``); its diagnostics are ``modules.latent_decoding``'s, and its
+content tokens are scored against what the sentence's meaning allows (``text.blocks.continuations``).
 
 Every prior is a per-sentence statistic, so a latent that ignores the text satisfies them all; the
 public attempt at this plan collapsed exactly so. ``text_variance_weight`` (on by default; 0 is the
@@ -52,6 +55,7 @@ from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
+from modules.networks.slot_splat import SlotSplatHead, SummedHeads
 from modules.networks.text_decoder import LatentTextDecoder
 from modules.networks.text_encoder import TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
@@ -62,6 +66,7 @@ SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis
                       "var": 0.05}
 MONTAGE_SIZE = 16
 FREEZABLE = ("encoder", "readout")
+LATENT_HEADS = ("grid", "slots", "grid_and_slots")
 ATTENTION_SENTENCES = 4  # montage sentences whose content tokens' attention maps are drawn
 
 
@@ -73,10 +78,16 @@ class VisualLatentText(MethodModule):
         dim, depth, heads, ffn_dim, dropout, positions: the Transformer (spec: 384, 6, 8, 1536, 0.1).
         grid_size, channels, query_channels, head_depth, head_ffn_dim, smoothing, coordinate_channels:
             the grid cross-attention head (spec: 32, 6, 64, 2, 768; smoothing head optional).
+        latent_head: ``grid`` (the spec's grid cross-attention head), ``slots`` (its slot-attention variant,
+            ``modules.networks.slot_splat``: num_slots slots after slot_iterations rounds, each splatted as a
+            Gaussian whose scales lie in slot_scales pixels; its MLP is head_ffn_dim wide) or
+            ``grid_and_slots`` (their sum: the blobs over the grid head's texture).
         head_dim, head_dropout: the head's width and dropout when they differ from the encoder's
             (``None``: the same; a narrower head reads linearly projected token states).
         embedding_dim, readout_hidden_dim, pool_levels: ``g(V)``, mean/var pooling over the whole
             map (level 1, the spec's form) and over n x n cells for each further level, then an MLP.
+        standardize_maps: the readout, and P4's decoder, see each map standardized, so that they read only the
+            layout (``modules.networks.readout``); False is the spec's form, read raw.
         prior_weights: lambda per prior (spec: 0.5, 0.1, 0.1, 0.05, 0.05, 0.05).
         target_alpha, target_variance, kurtosis_target, wavelet: targets of the priors.
         text_variance_weight, min_text_variance: the anti-collapse term (0 = the spec's form).
@@ -113,6 +124,10 @@ class VisualLatentText(MethodModule):
         positions: Literal["rope", "learned"] = "rope",
         grid_size: int = 32,
         channels: int = 6,
+        latent_head: Literal["grid", "slots", "grid_and_slots"] = "grid",
+        num_slots: int = 6,
+        slot_iterations: int = 3,
+        slot_scales: tuple[float, float] = (1.0, 8.0),
         query_channels: int = 64,
         head_dim: int | None = None,
         head_depth: int = 2,
@@ -123,6 +138,7 @@ class VisualLatentText(MethodModule):
         embedding_dim: int = 256,
         readout_hidden_dim: int = 512,
         pool_levels: tuple[int, ...] = (1,),
+        standardize_maps: bool = False,
         prior_weights: dict[str, float] | None = None,
         target_alpha: float = 2.0,
         target_variance: float = 1.0,
@@ -166,20 +182,29 @@ class VisualLatentText(MethodModule):
         if invariance_weight and not contrastive_weight:
             raise ValueError("invariance_weight needs contrastive_weight > 0: P3 builds on P2's readout z")
         self.prior_weights = _checked_prior_weights(prior_weights)
-        self.encoder = TextToGrid(
-            TextTransformer(vocab_size, max_length, dim, depth, heads, ffn_dim, dropout, positions, PAD_ID),
-            GridCrossAttentionHead(head_dim or dim, grid_size, query_channels, channels, heads, head_ffn_dim,
-                                   head_depth, dropout if head_dropout is None else head_dropout, smoothing,
-                                   coordinate_channels),
-        )
-        self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels))
+        if latent_head not in LATENT_HEADS:
+            raise ValueError(f"latent_head must be one of {LATENT_HEADS}, got {latent_head!r}")
+        # built before the heads, so that a seed initializes the networks as it did before the slot variant
+        tokens = TextTransformer(vocab_size, max_length, dim, depth, heads, ffn_dim, dropout, positions, PAD_ID)
+        heads_of_v = []
+        if "grid" in latent_head:
+            heads_of_v.append(GridCrossAttentionHead(
+                head_dim or dim, grid_size, query_channels, channels, heads, head_ffn_dim, head_depth,
+                dropout if head_dropout is None else head_dropout, smoothing, coordinate_channels))
+        if "slots" in latent_head:
+            heads_of_v.append(SlotSplatHead(head_dim or dim, grid_size, channels, num_slots, slot_iterations,
+                                            head_ffn_dim, *slot_scales))
+        head = heads_of_v[0] if len(heads_of_v) == 1 else SummedHeads(*heads_of_v)
+        self.encoder = TextToGrid(tokens, head)
+        self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels),
+                                      standardize_maps)
         # P1 has no loss on z: a trainable readout would be a parameter DDP waits for in vain.
         self.readout.requires_grad_(bool(contrastive_weight))
         self.decoder = None
         if decoder_depth:
             self.decoder = LatentTextDecoder(vocab_size, max_length + 2, channels, grid_size, embedding_dim,
                                              decoder_dim, decoder_depth, decoder_heads, decoder_ffn_dim,
-                                             decoder_dropout, pixel_mlp, PAD_ID)
+                                             decoder_dropout, pixel_mlp, PAD_ID, standardize_maps)
             # What the decoder may write and which of its tokens are content, from the training corpus.
             self.register_buffer("allowed_tokens", torch.ones(vocab_size, dtype=torch.bool))
             self.register_buffer("content_tokens", torch.zeros(vocab_size, dtype=torch.bool))
@@ -301,7 +326,7 @@ class VisualLatentText(MethodModule):
             outputs["ids"] = F.pad(sentence, (0, self.hparams.max_length - sentence.shape[1]), value=PAD_ID)
             outputs |= {f"decoding_{name}": values for name, values in decoding_rows(
                 self.decoder, self.readout, sentence, v_sentence, outputs["z"], self._allowed(),
-                self.content_tokens).items()}
+                self.content_tokens, batch["accepted"], batch["best_continuation"]).items()}
         return outputs
 
     def evaluate(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
@@ -360,8 +385,12 @@ class VisualLatentText(MethodModule):
         if self.decoder is not None:
             z = self.readout(v)
             outputs["reconstruction"] = self.decoder.generate(v, z, BOS_ID, EOS_ID, self._allowed())
-            rows = decoding_rows(self.decoder, self.readout, ids, v, z, self._allowed(), self.content_tokens)
-            outputs["content_accuracy"] = rows["content_hits"] / rows["content_tokens"].clamp(min=1)
+            rows = decoding_rows(self.decoder, self.readout, ids, v, z, self._allowed(), self.content_tokens,
+                                 batch["accepted"], batch["best_continuation"])
+            content = rows["content_tokens"].clamp(min=1)
+            outputs["content_exact_accuracy"] = rows["content_exact_hits"] / content
+            # the meaning's continuations are known only for sentences of the grammar
+            outputs["content_accuracy"] = torch.where(batch["parsed"], rows["content_hits"] / content, float("nan"))
         return outputs
 
     def _allowed(self) -> torch.Tensor | None:

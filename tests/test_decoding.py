@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from modules.latent_decoding import decoding_rows, summarize
 from modules.losses.decoding import (
     attention_concentration,
     masked_logits,
@@ -86,6 +87,16 @@ def test_decoder_is_causal_reads_the_layout_and_reports_its_attention():
         decoder(ids, torch.randn(2, 3, 5, 5), z)
 
 
+def test_a_decoder_on_standardized_maps_reads_the_layout_only():
+    torch.manual_seed(0)
+    decoder = LatentTextDecoder(vocab_size=20, max_length=8, channels=3, grid_size=4, embedding_dim=5, dim=16,
+                                depth=1, heads=2, ffn_dim=32, dropout=0.0, standardize_maps=True).eval()
+    ids, v, z = torch.tensor([[BOS_ID, 4, 5]]), torch.randn(1, 3, 4, 4), torch.randn(1, 5)
+    brighter = v * torch.tensor([3.0, 0.5, 2.0]).view(1, 3, 1, 1) + torch.tensor([1.0, 2.0, -5.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(decoder(ids, brighter, z), decoder(ids, v, z), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(decoder(ids, v.flip(-1), z), decoder(ids, v, z), atol=1e-3)
+
+
 def test_content_tokens_are_the_color_shape_count_and_relation_words():
     from text.blocks import training_examples
     from text.blocks.sentences import content_words
@@ -125,3 +136,39 @@ def test_greedy_generation_follows_the_argmax_stops_at_eos_and_keeps_to_the_voca
         if EOS_ID in tokens:
             live[row, tokens.index(EOS_ID) + 1:] = False
     assert torch.equal(logits.argmax(dim=-1)[live], ids[:, 1:][live])
+
+
+class FixedDecoder(torch.nn.Module):
+    """Writes the same chosen tokens whatever it reads, and attends evenly: a hand-made case for the scores."""
+
+    def __init__(self, predicted: torch.Tensor, vocab_size: int) -> None:
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(predicted, vocab_size).float() * 10
+
+    def forward(self, ids, v, z):
+        return self.logits[:, : ids.shape[1]]
+
+    def cross_attention(self, ids, v, z):
+        size = 1 + v.shape[2] * v.shape[3]
+        return torch.full((len(ids), 1, ids.shape[1], size), 1.0 / size)
+
+
+def test_decoding_scores_by_hand():
+    # the sentence "3 4 5": targets 3 4 5 EOS; tokens 3 and 5 are content, 4 is a function token
+    ids = torch.tensor([[3, 4, 5]])
+    predicted = torch.tensor([[6, 4, 7, EOS_ID]])  # writes 6 for 3 (a synonym the meaning allows), 7 for 5
+    accepted = torch.tensor([[[3, 6], [4, -1], [5, -1], [EOS_ID, -1]]])
+    best = torch.tensor([[6, 4, 5, EOS_ID]])  # most realizations say 6 where this one says 3
+    content = torch.zeros(8, dtype=torch.bool)
+    content[[3, 5, 6, 7]] = True
+    v = torch.randn(1, 2, 3, 3)
+    rows = decoding_rows(FixedDecoder(predicted, 8), lambda latent: torch.zeros(1, 4), ids, v, torch.zeros(1, 4),
+                         None, content, accepted, best)
+    scores = summarize(rows)
+    assert rows["content_tokens"].item() == 2 and rows["function_tokens"].item() == 2  # 4 and EOS
+    assert scores["content_accuracy"].item() == pytest.approx(0.5)  # 6 is allowed for 3, 7 is not 5
+    assert scores["content_exact_accuracy"].item() == 0.0
+    assert scores["content_exact_ceiling"].item() == pytest.approx(0.5)  # best is right at 5, wrong at 3
+    assert scores["function_accuracy"].item() == 1.0
+    assert scores["shuffle_ce_increase"].item() == pytest.approx(0.0)  # it never reads the latent
+    assert scores["content_attention_entropy"].item() == pytest.approx(1.0)  # spread evenly

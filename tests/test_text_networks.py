@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modules.networks.grid_head import GridCrossAttentionHead, LocalSmoothing, TextToGrid, coordinate_grid
-from modules.networks.readout import MeanVarReadout, pooled_mean_variance
+from modules.networks.readout import MeanVarReadout, pooled_mean_variance, standardized_maps
 from modules.networks.text_encoder import TextTransformer, apply_rotary, rotary_tables
 
 VOCAB = 50
@@ -252,3 +252,19 @@ def test_readout_rejects_bad_input():
         MeanVarReadout(channels=6, pool_levels=(1, 16))(torch.randn(2, 6, 8, 8))
     with pytest.raises(ValueError, match="pool_levels"):
         MeanVarReadout(channels=6, pool_levels=(0,))
+
+
+def test_standardized_readout_reads_the_layout_only():
+    torch.manual_seed(0)
+    readout = MeanVarReadout(channels=3, out_dim=8, hidden_dim=16, pool_levels=(1, 2), standardize_maps=True)
+    v = torch.randn(2, 3, 8, 8)
+    # each map's brightness and contrast changed: the same z
+    brightened = v * torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1) + torch.tensor([1.0, -4.0, 0.3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(readout(brightened), readout(v), atol=1e-4, rtol=1e-4)
+    # the same values elsewhere: another z
+    assert not torch.allclose(readout(v.flip(-1)), readout(v), atol=1e-3)
+    standardized = standardized_maps(v)
+    torch.testing.assert_close(standardized.mean(dim=(-2, -1)), torch.zeros(2, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(standardized.var(dim=(-2, -1), correction=0), torch.ones(2, 3), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="standardize_maps leaves nothing for pool level 1"):
+        MeanVarReadout(channels=3, pool_levels=(1,), standardize_maps=True)

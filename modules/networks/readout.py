@@ -31,16 +31,22 @@ class MeanVarReadout(nn.Module):
     """``g(V): [B, C, H, W] -> [B, out_dim]``, ``pooled_mean_variance`` then ``Linear -> GELU -> Linear``.
 
     ``pool_levels=(1,)`` is the spec's literal readout; extra levels (e.g. ``(1, 2, 4)``) also keep
-    where in the grid the statistics come from.
+    where in the grid the statistics come from. With ``standardize_maps`` every map is first brought to
+    zero mean and unit variance (``standardized_maps``), so ``z`` can only depend on the layout: each
+    channel's brightness and contrast, which a spatial shuffle keeps, are invisible to it.
     """
 
     def __init__(self, channels: int, out_dim: int = 256, hidden_dim: int = 512,
-                 pool_levels: Sequence[int] = (1,)) -> None:
+                 pool_levels: Sequence[int] = (1,), standardize_maps: bool = False) -> None:
         super().__init__()
         if not pool_levels or any(level < 1 for level in pool_levels):
             raise ValueError(f"pool_levels must be a non-empty list of positive ints, got {pool_levels}")
+        if standardize_maps and max(pool_levels) == 1:
+            raise ValueError("standardize_maps leaves nothing for pool level 1 to read: add a level above 1 "
+                             f"to pool_levels, got {tuple(pool_levels)}")
         self.channels = channels
         self.pool_levels = tuple(pool_levels)
+        self.standardize_maps = standardize_maps
         feature_dim = 2 * channels * sum(level * level for level in self.pool_levels)
         self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.GELU(),
                                  nn.Linear(hidden_dim, out_dim))
@@ -51,4 +57,10 @@ class MeanVarReadout(nn.Module):
         if max(self.pool_levels) > min(v.shape[2:]):
             raise ValueError(f"pool level {max(self.pool_levels)} has more cells than v's grid "
                              f"{tuple(v.shape[2:])}")
-        return self.mlp(pooled_mean_variance(v, self.pool_levels))
+        return self.mlp(pooled_mean_variance(standardized_maps(v) if self.standardize_maps else v, self.pool_levels))
+
+
+def standardized_maps(v: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each map of ``v [B, C, H, W]`` minus its mean over the grid, over its standard deviation (plus ``eps``)."""
+    centred = v - v.mean(dim=(-2, -1), keepdim=True)
+    return centred / (centred.square().mean(dim=(-2, -1), keepdim=True) + eps).sqrt()

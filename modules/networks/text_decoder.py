@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from modules.networks.grid_head import CrossAttentionBlock
+from modules.networks.readout import standardized_maps
 from modules.networks.text_encoder import EMBEDDING_INIT_STD, MultiHeadAttention, check_token_batch
 
 
@@ -17,11 +18,14 @@ class LatentMemory(nn.Module):
     """``V [B, C, H, W]`` and ``z [B, E]`` -> memory ``[B, 1 + H W, dim]``: ``z`` projected as the first token,
     then every pixel's ``C`` values projected (``Linear``, or with ``pixel_mlp`` the spec's "small MLP on V")
     plus a row and a column embedding. The pixel order is row-major, so memory token ``1 + i W + j`` is
-    pixel ``(i, j)``."""
+    pixel ``(i, j)``. With ``standardize_maps`` the pixels are read from each map standardized
+    (``modules.networks.readout.standardized_maps``), as a readout that sees only the layout reads them."""
 
-    def __init__(self, channels: int, grid_size: int, embedding_dim: int, dim: int, pixel_mlp: bool = False) -> None:
+    def __init__(self, channels: int, grid_size: int, embedding_dim: int, dim: int, pixel_mlp: bool = False,
+                 standardize_maps: bool = False) -> None:
         super().__init__()
         self.grid_size = grid_size
+        self.standardize_maps = standardize_maps
         self.pixel = (nn.Sequential(nn.Linear(channels, dim), nn.GELU(), nn.Linear(dim, dim)) if pixel_mlp
                       else nn.Linear(channels, dim))
         self.rows = nn.Parameter(torch.empty(grid_size, 1, dim))
@@ -33,6 +37,8 @@ class LatentMemory(nn.Module):
     def forward(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if v.dim() != 4 or v.shape[2:] != (self.grid_size, self.grid_size):
             raise ValueError(f"v must have shape [B, C, {self.grid_size}, {self.grid_size}], got {tuple(v.shape)}")
+        if self.standardize_maps:
+            v = standardized_maps(v)
         pixels = self.pixel(rearrange(v, "b c h w -> b h w c")) + self.rows + self.columns
         return torch.cat([self.summary(z).unsqueeze(1), rearrange(pixels, "b h w d -> b (h w) d")], dim=1)
 
@@ -71,11 +77,11 @@ class LatentTextDecoder(nn.Module):
 
     def __init__(self, vocab_size: int, max_length: int, channels: int, grid_size: int, embedding_dim: int,
                  dim: int = 384, depth: int = 4, heads: int = 8, ffn_dim: int = 1536, dropout: float = 0.1,
-                 pixel_mlp: bool = False, pad_id: int = 0) -> None:
+                 pixel_mlp: bool = False, pad_id: int = 0, standardize_maps: bool = False) -> None:
         super().__init__()
         self.max_length = max_length
         self.pad_id = pad_id
-        self.memory = LatentMemory(channels, grid_size, embedding_dim, dim, pixel_mlp)
+        self.memory = LatentMemory(channels, grid_size, embedding_dim, dim, pixel_mlp, standardize_maps)
         self.token_embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         nn.init.normal_(self.token_embedding.weight, std=EMBEDDING_INIT_STD)
         self.position_embedding = nn.Parameter(torch.empty(max_length, dim))
