@@ -3,8 +3,8 @@
 A pre-LN Transformer reads a sentence; a grid cross-attention head paints ``V [B, C, H, W]``
 (``modules.networks``), optionally with the spec's slot-attention variant's Gaussian blobs over it
 (``latent_head``); the readout, and P4's decoder, may see each map standardized, so that only the
-layout can carry the sentence (``standardize_maps``: the configs' default). P1 shapes ``V`` with the analytic image-ness priors only
-(``contrastive_weight: 0``, ``configs/p1_priors.yaml``); P2 adds InfoNCE between readouts
+layout can carry the sentence (``standardize_maps``: the configs' default). P1 shapes ``V`` with the
+analytic image-ness priors only (``contrastive_weight: 0``, ``configs/p1_priors.yaml``); P2 adds InfoNCE between readouts
 ``z = g(V)`` of two meaning-preserving views, with the in-batch items and the constructed
 counterfactuals as negatives (``configs/p2_contrastive.yaml``): ``L = L_img + alpha * InfoNCE``. P3
 (``configs/p3_invariance.yaml``, from P2's weights) adds ``beta * ||g(T(V(x1))) - g(V(x2))||^2`` with the
