@@ -13,7 +13,9 @@ All three are the item's own draws of the epoch, keyed by (seed, epoch, dataset 
 index loader draws them, so resumed runs see the same pairs and the values of an item do not
 depend on the number of ranks, yet differ between the items of different ranks (issue 9,
 item 7). ``samples_per_cluster > 0`` switches training batches to cluster-mates
-(``datamodules.cluster_batches``). Evaluation batches draw ``x0`` from a fixed generator, so
+(``datamodules.cluster_batches``); ``pairing`` reassigns a training batch's source draws to its samples
+by minibatch optimal transport, over the batch or within each of its clusters (``datamodules.couplings``).
+Evaluation batches draw ``x0`` from a fixed generator, so
 every evaluation starts from the same noise.
 
 For the ``ClusterAssignment`` callback this datamodule provides ``training_items_dataloader()``,
@@ -30,6 +32,7 @@ import torch
 
 from datamodules import point_sets
 from datamodules.cluster_batches import ClusterMateBatches
+from datamodules.couplings import PAIRINGS, Pairing, paired_sources
 from datamodules.index_batches import EpochPermutation, IndexBatchLoader, ItemDraw, rank_and_world
 from datamodules.index_tables import IndexTablesDataModule, Tables
 
@@ -92,6 +95,9 @@ class FlowDataModule(IndexTablesDataModule):
         batch_size: per device.
         samples_per_cluster: ``n`` of the cluster-mate batches (``batch_size / n`` clusters per
             batch); 0 draws plain shuffled batches.
+        pairing: which draw ``x0`` each training sample flows from (``datamodules.couplings``):
+            ``independent`` (its own), ``minibatch_ot`` (the batch's exact OT plan) or ``cluster_ot``
+            (the OT plan within each cluster of the batch).
         seed: seeds epoch orders and the items' draws (with the epoch number) and the toys' training
             set; ``None``: the global seed of ``seed_everything``.
     """
@@ -108,6 +114,7 @@ class FlowDataModule(IndexTablesDataModule):
         batch_size: int = 256,
         eval_batch_size: int = 1024,
         samples_per_cluster: int = 0,
+        pairing: Pairing = "independent",
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -117,6 +124,8 @@ class FlowDataModule(IndexTablesDataModule):
             raise ValueError(f"dataset={dataset!r} reads from data.path; give the {dataset} file or folder")
         if dataset not in (*TOYS, "digits", "mnist", "npy"):
             raise ValueError(f"dataset must be one of moons, checkerboard, digits, mnist, npy; got {dataset!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}")
         self.cluster_ids: torch.Tensor | None = None
 
     def __str__(self) -> str:
@@ -191,7 +200,15 @@ class FlowDataModule(IndexTablesDataModule):
                                   hp.seed, rank, world_size)
 
     def train_dataloader(self) -> IndexBatchLoader:
-        return self.train_loader(self.num_train_items, training_draw(self.hparams.source, tuple(self.sample_shape)))
+        pairing = None if self.hparams.pairing == "independent" else self._paired_sources
+        return self.train_loader(self.num_train_items, training_draw(self.hparams.source, tuple(self.sample_shape)),
+                                 pairing)
+
+    def _paired_sources(self, batch: dict) -> dict:
+        """The batch's draws reassigned to its samples (on the host, from the host tables)."""
+        index = batch["index"]
+        clusters = None if self.cluster_ids is None else self.cluster_ids[index]
+        return {"x0": paired_sources(self.hparams.pairing, batch["x0"], self.train_split["x"][index], clusters)}
 
     def _eval_loader(self) -> IndexBatchLoader:
         hp = self.hparams

@@ -9,10 +9,17 @@ Training: ``x_t = (1 - t) x0 + t x1``, target ``x1 - x0``, ``t ~ U(0, 1)``, plus
   (cluster ids in ``batch["cluster"]``, from the ``ClusterAssignment`` callback); samples
   without a mate in the batch are masked out.
 
+``locality_form`` says what the pair must agree on: ``velocity`` (the spec's term above) or ``residual``,
+``||(v(u_t) - u_i) - (v(s_t) - u_j)||^2`` with each point's target velocity ``u``: the pair shares its
+errors rather than its velocities. Any field that fits both targets satisfies it, so unlike the spec's
+term it does not ask the field to ignore the difference of the pair's targets. Which source draw each
+sample flows from is the datamodule's ``pairing`` (independent or minibatch OT, ``datamodules.couplings``).
+
 Both velocities of a pair come from one forward pass over the stacked batch. Logged under the
 spec's names: ``training/locality_mode`` (index into ``LOCALITY_MODES``; the name is in the
-hyperparameters), ``training/loss_locality``, ``training/locality_target_diff`` (mean squared
-difference of the pair's target velocities per dimension) and, in cluster mode,
+hyperparameters; ``training/locality_form`` likewise), ``training/loss_locality``,
+``training/locality_target_diff`` (mean squared difference of the pair's target velocities per
+dimension) and, in cluster mode,
 ``training/locality_valid_pairs`` (number of samples with a mate; the spec describes it as a
 fraction, which is ``training/locality_valid_ratio``) and ``training/locality_n_unique_clusters``.
 
@@ -36,12 +43,14 @@ from modules.losses.flow_matching import (
     masked_mean,
     mean_squared,
     perturbed_source,
+    residual_locality_loss,
 )
 from modules.method_base import MethodModule
 from modules.networks.velocity import build_velocity_network
 from modules.ode import integrate
 
 LOCALITY_MODES = ("none", "random_perturbation", "cluster_neighborhood")
+LOCALITY_FORMS = ("velocity", "residual")
 
 
 class ClusterFlowMatching(MethodModule):
@@ -51,6 +60,7 @@ class ClusterFlowMatching(MethodModule):
         sample_shape: linked from the datamodule (``[2]`` for toys, ``[1, 8, 8]`` for digits).
         network: ``"mlp"`` (``hidden_dim``, ``depth``) or ``"unet"`` (``channels`` per level).
         locality_mode: one of ``LOCALITY_MODES``; ``locality_weight`` is the spec's lambda.
+        locality_form: ``velocity`` (the spec's) or ``residual`` (``modules.losses.flow_matching``).
         locality_noise_scale: the perturbation's scale in ``random_perturbation`` (spec: 0.1).
         lr, betas, weight_decay, warmup_steps, min_lr_factor, compile, init_from, init_prefixes:
             see ``modules.method_base``.
@@ -74,6 +84,7 @@ class ClusterFlowMatching(MethodModule):
         time_dim: int = 64,
         locality_mode: Literal["none", "random_perturbation", "cluster_neighborhood"] = "none",
         locality_weight: float = 1.0,
+        locality_form: Literal["velocity", "residual"] = "velocity",
         locality_noise_scale: float = 0.1,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -91,6 +102,8 @@ class ClusterFlowMatching(MethodModule):
         self.save_hyperparameters()
         if locality_mode not in LOCALITY_MODES:
             raise ValueError(f"locality_mode must be one of {', '.join(LOCALITY_MODES)}; got {locality_mode!r}")
+        if locality_form not in LOCALITY_FORMS:
+            raise ValueError(f"locality_form must be one of {', '.join(LOCALITY_FORMS)}; got {locality_form!r}")
         self.velocity = build_velocity_network(network, list(sample_shape), hidden_dim, depth, list(channels), time_dim)
         self.load_initial_weights()
 
@@ -105,10 +118,14 @@ class ClusterFlowMatching(MethodModule):
             partner_x0, partner_x1, valid = self._partners(batch, logs)
             points = torch.cat([linear_path(x0, x1, t), linear_path(partner_x0, partner_x1, t)])
             velocity, partner_velocity = self.velocity(points, t.repeat(2)).chunk(2)
-            loss_locality = locality_loss(velocity, partner_velocity, valid)
+            partner_target = flow_target(partner_x0, partner_x1)
+            if self.hparams.locality_form == "residual":
+                loss_locality = residual_locality_loss(velocity, target, partner_velocity, partner_target, valid)
+            else:
+                loss_locality = locality_loss(velocity, partner_velocity, valid)
             loss_flow = flow_matching_loss(velocity, target)
             loss = loss_flow + self.hparams.locality_weight * loss_locality
-            target_diff = masked_mean(mean_squared(target, flow_target(partner_x0, partner_x1)), valid)
+            target_diff = masked_mean(mean_squared(target, partner_target), valid)
             logs |= {"training/loss_flow": loss_flow, "training/loss_locality": loss_locality,
                      "training/locality_target_diff": target_diff}
         self.log("training/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
@@ -119,6 +136,7 @@ class ClusterFlowMatching(MethodModule):
     def on_train_epoch_end(self) -> None:
         # A Python number, logged outside the step: its copy to the device would wait for the device.
         self.log("training/locality_mode", float(LOCALITY_MODES.index(self.hparams.locality_mode)))
+        self.log("training/locality_form", float(LOCALITY_FORMS.index(self.hparams.locality_form)))
 
     def _partners(self, batch: dict, logs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Start, end and validity of each sample's partner path."""

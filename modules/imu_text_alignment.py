@@ -152,6 +152,12 @@ class IMUTextAlignment(MethodModule):
                                  data=[[self.refreshes, self.global_step, key, ", ".join(members)]
                                        for key, members in clusters.items()])
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["prototype_refreshes"] = self.refreshes  # the monitoring lines' update count goes on
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.refreshes = checkpoint.get("prototype_refreshes", 0)
+
     def assign_label_prototypes(self) -> torch.Tensor:
         """Every label's nearest prototype into ``prototype_of_label``; returns each label's cluster key."""
         cluster_of_label = self.label_prototypes.nearest(self.label_embeddings())

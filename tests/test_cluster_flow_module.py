@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks.cluster_assignment import ClusterAssignment
 from callbacks.random_state import RandomState
 from datamodules.flow_data import FlowDataModule
-from modules.cluster_flow import LOCALITY_MODES, ClusterFlowMatching
+from modules.cluster_flow import LOCALITY_FORMS, LOCALITY_MODES, ClusterFlowMatching
 from modules.flow_evaluation import quality_by_nfe
 from tests.conftest import StopAfterEpoch, quiet_trainer
 from tests.test_cli import cli
@@ -21,9 +21,10 @@ from tests.test_cli import cli
 TINY_FLOW = {"hidden_dim": 64, "depth": 2, "time_dim": 16, "warmup_steps": 5, "eval_nfe": [1, 8]}
 
 
-def toy(mode="none", num_train=1024, batch_size=64, samples_per_cluster=4, source="8gaussians", **model_args):
+def toy(mode="none", num_train=1024, batch_size=64, samples_per_cluster=4, source="8gaussians",
+        pairing="independent", **model_args):
     data = FlowDataModule(dataset="moons", source=source, num_train=num_train, num_eval=400,
-                          batch_size=batch_size, samples_per_cluster=samples_per_cluster)
+                          batch_size=batch_size, samples_per_cluster=samples_per_cluster, pairing=pairing)
     return ClusterFlowMatching(sample_shape=[2], locality_mode=mode, **(TINY_FLOW | model_args)), data
 
 
@@ -49,12 +50,15 @@ def test_smoke_fit_in_cluster_mode_beats_the_untrained_field(tmp_path):
 
 @pytest.mark.parametrize("mode", LOCALITY_MODES)
 def test_every_mode_logs_the_spec_names(tmp_path, mode):
-    model, data = toy(mode, samples_per_cluster=0)
+    # the residual form and OT pairing on the cluster mode, so every option runs through a fit
+    options = {"locality_form": "residual", "pairing": "minibatch_ot"} if mode == "cluster_neighborhood" else {}
+    model, data = toy(mode, samples_per_cluster=0, **options)
     callbacks = [ClusterAssignment(num_clusters=40)] if mode == "cluster_neighborhood" else []
     trainer = quiet_trainer(1, tmp_path, callbacks, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(model, data)
     logged = set(trainer.callback_metrics)
     assert trainer.callback_metrics["training/locality_mode"] == LOCALITY_MODES.index(mode)
+    assert trainer.callback_metrics["training/locality_form"] == LOCALITY_FORMS.index(model.hparams.locality_form)
     assert {"training/loss_epoch", "val/w2_nfe1", "val/w2_nfe8", "val/mmd2_nfe8", "val/straightness",
             "val/path_length_ratio"} <= logged
     locality = {"training/loss_locality", "training/locality_target_diff"}

@@ -11,6 +11,7 @@ from modules.losses.flow_matching import (
     locality_loss,
     masked_mean,
     perturbed_source,
+    residual_locality_loss,
 )
 
 
@@ -75,6 +76,23 @@ def test_locality_loss_over_valid_pairs_only_and_masked_pairs_get_no_gradient():
     loss.backward()
     assert torch.equal(velocity.grad[2], torch.zeros(2))
     assert velocity.grad[:2].abs().sum() > 0
+
+
+def test_residual_locality_is_zero_for_equal_residuals_and_masked_like_the_spec_term():
+    target, partner_target = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[3.0, 2.0], [1.0, 1.0]])
+    both_valid = torch.tensor([True, True])
+    # a field that fits both targets up to the same error: different velocities, equal residuals
+    error = torch.tensor([[0.5, -0.5], [2.0, 0.0]])
+    assert residual_locality_loss(target + error, target, partner_target + error, partner_target,
+                                  both_valid).item() == 0.0
+    assert locality_loss(target + error, partner_target + error, both_valid).item() > 0  # the spec's is not
+    velocity = torch.tensor([[1.0, 2.0], [4.0, 4.0]], requires_grad=True)
+    partner_velocity = torch.tensor([[3.0, 4.0], [float("nan"), 0.0]])
+    loss = residual_locality_loss(velocity, target, partner_velocity, partner_target, torch.tensor([True, False]))
+    # pair 0: residuals (0, 0) and (0, 2): (0 + 4) / 2 = 2; pair 1 (NaN) is masked
+    assert loss.item() == pytest.approx(2.0)
+    loss.backward()
+    assert torch.equal(velocity.grad[1], torch.zeros(2)) and velocity.grad[0].abs().sum() > 0
 
 
 def test_no_valid_pair_gives_zero_not_nan():

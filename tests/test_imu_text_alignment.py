@@ -139,6 +139,7 @@ def test_resume_is_exact(har_root, text_cache, tmp_path):
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(straight.prototype_of_label, resumed.prototype_of_label)
+    assert resumed.refreshes == straight.refreshes > 0  # the update count of the monitoring lines
 
 
 def test_supervised_baseline_learns(har_root, text_cache, tmp_path):

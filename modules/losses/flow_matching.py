@@ -13,7 +13,8 @@ Both terms average over dimensions (the spec's squared norms divided by the dime
 ``lambda`` weighs them on one scale whatever the data size. Note that in cluster mode the two
 points have different targets (``x1_i - x0`` and ``x1_j - x0``): a perfect flow model would give
 ``v(u_t) - v(s_t) ~ x1_i - x1_j``, so the locality term pulls against the flow loss by about
-``locality_target_diff`` (logged) unless cluster-mates are nearly identical.
+``locality_target_diff`` (logged) unless cluster-mates are nearly identical. The residual form
+(``residual_locality_loss``) compares the pair's errors instead, ``(v(u_t) - u_i) - (v(s_t) - u_j)``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def locality_loss(velocity: torch.Tensor, partner_velocity: torch.Tensor, valid:
     rows = valid.view(-1, *([1] * (velocity.dim() - 1)))
     difference = torch.where(rows, velocity - partner_velocity, 0.0)
     return difference.pow(2).flatten(1).mean(dim=1).sum() / valid.sum().clamp_min(1)
+
+
+def residual_locality_loss(velocity: torch.Tensor, target: torch.Tensor, partner_velocity: torch.Tensor,
+                           partner_target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The residual form (issue 14): ``mean over valid pairs of ||(v_i - u_i) - (v_j - u_j)||^2 / D``.
+
+    A pair must share its errors rather than its velocities: zero for any field that fits both targets,
+    so, unlike the spec's term, it does not ask the field to ignore the difference of the pair's targets.
+    Masked as ``locality_loss``."""
+    return locality_loss(velocity - target, partner_velocity - partner_target, valid)
 
 
 def perturbed_source(x0: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.Tensor:
