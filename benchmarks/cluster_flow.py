@@ -229,9 +229,10 @@ def report(record: dict, out: Path) -> None:
     """Print the tables and save the plot of quality against NFE next to ``out``."""
     summary = record["summary"]
     for entry in [*summary, *record["runs"]]:  # the first round's records: the spec's form and lambda, no pairing
-        first_round = {"pairing": "independent", "mode": entry["mode"], "form": "velocity", "lambda": 1.0}
-        entry.setdefault("pairing", "independent")
-        entry.setdefault("config", label(first_round))
+        if "config" not in entry:
+            entry |= {"pairing": "independent",
+                      "config": label({"pairing": "independent", "mode": entry["mode"], "form": "velocity",
+                                       "lambda": 1.0})}
     datasets = dict.fromkeys(entry["dataset"] for entry in summary)
     plot(summary, out.with_suffix(".png"))
     tables = [markdown(summary, d, m) for d in datasets for m in ("w2", "mmd2", "fd", "straightness")]
