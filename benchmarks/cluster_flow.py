@@ -190,12 +190,14 @@ def markdown(summary: list[dict], dataset: str, metric: str) -> str:
     return "\n".join(lines)
 
 
+def euler(run: dict, metric: str, nfe: int) -> float:
+    """A run's ``metric`` at ``nfe`` with the Euler sampler."""
+    return next(r[metric] for r in run["quality"] if r["solver"] == "euler" and r["nfe"] == nfe)
+
+
 def paired_differences(runs: list[dict], dataset: str, metric: str) -> str:
     """Each configuration minus its pairing's ``none`` under the same seed (same data and draws), mean ± std
     over seeds (Euler): a difference the seeds share shows here even when it is below their spread."""
-    def value(run, nfe):
-        return next(r[metric] for r in run["quality"] if r["solver"] == "euler" and r["nfe"] == nfe)
-
     runs = [run for run in runs if run["dataset"] == dataset and "pairing" in run and metric in run["quality"][0]]
     baseline = {(run["pairing"], run["seed"]): run for run in runs if run["mode"] == "none"}
     lines = [f"| {dataset}: {metric} minus the pairing's none, same seed | " + " | ".join(f"NFE {n}" for n in NFE_GRID)
@@ -207,7 +209,7 @@ def paired_differences(runs: list[dict], dataset: str, metric: str) -> str:
             continue
         cells = []
         for nfe in NFE_GRID:
-            differences = [value(run, nfe) - value(base, nfe) for run, base in mates]
+            differences = [euler(run, metric, nfe) - euler(base, metric, nfe) for run, base in mates]
             cells.append(f"{statistics.fmean(differences):+.3g} ± {statistics.stdev(differences):.2g}")
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
@@ -273,15 +275,19 @@ def plot(summary: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def merge(parts: list[dict], out: Path, threads: int) -> None:
-    """One record from parts of a grid run as separate commands (e.g. seeds in parallel processes)."""
-    runs = [run for part in parts for run in part["runs"]]
-    record = {"runs": runs, "summary": summarize(runs), "plot": out.with_suffix(".png").name,
-              "parts": [{"command": part.get("command"), "seeds": part["seeds"]} for part in parts]}
-    record |= {key: value for part in parts for key, value in part.items() if key.startswith("untrained_")
-               or key == "digit_classifier_held_out_accuracy"}
+def write_and_report(runs: list[dict], out: Path, threads: int, fields: dict) -> None:
+    """The record of ``runs`` (with their summary, the plot's name and ``fields``) to ``out``, then the report."""
+    record = {"runs": runs, "summary": summarize(runs), "plot": out.with_suffix(".png").name} | fields
     write_record(out, record, threads)
     report(record, out)
+
+
+def merge(parts: list[dict], out: Path, threads: int) -> None:
+    """One record from parts of a grid run as separate commands (e.g. seeds in parallel processes)."""
+    fields = {"parts": [{"command": part.get("command"), "seeds": part["seeds"]} for part in parts]}
+    fields |= {key: value for part in parts for key, value in part.items() if key.startswith("untrained_")
+               or key == "digit_classifier_held_out_accuracy"}
+    write_and_report([run for part in parts for run in part["runs"]], out, threads, fields)
 
 
 def main() -> None:
@@ -339,16 +345,11 @@ def main() -> None:
                     runs.append(run)
                     if seed == seeds[0] and index == 0:
                         extras[f"untrained_{dataset}"] = untrained_quality(dataset, Path(scratch) / "untrained", features)
-                    euler16 = next(r for r in run["quality"] if r["solver"] == "euler" and r["nfe"] == 16)
-                    euler1 = next(r for r in run["quality"] if r["solver"] == "euler" and r["nfe"] == 1)
                     print(f"{dataset} {run['config']} seed {seed}: {run['steps']} steps in {seconds:.0f} s, "
-                          f"W2@1 {euler1['w2']:.4f} W2@16 {euler16['w2']:.4f}", flush=True)
-    out = Path(args.out)
-    record = {"runs": runs, "summary": summarize(runs), "plot": out.with_suffix(".png").name,
-              "seeds": {dataset: args.seeds or DEFAULT_SEEDS[dataset] for dataset in args.datasets},
-              "steps": {"toy": args.toy_steps, "digits": args.digits_steps}} | extras
-    write_record(out, record, args.threads)
-    report(record, out)
+                          f"W2@1 {euler(run, 'w2', 1):.4f} W2@16 {euler(run, 'w2', 16):.4f}", flush=True)
+    write_and_report(runs, Path(args.out), args.threads,
+                     {"seeds": {dataset: args.seeds or DEFAULT_SEEDS[dataset] for dataset in args.datasets},
+                      "steps": {"toy": args.toy_steps, "digits": args.digits_steps}} | extras)
 
 
 if __name__ == "__main__":
