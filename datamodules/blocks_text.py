@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 
 from datamodules.index_batches import IndexBatchLoader, ItemDraw
 from datamodules.index_tables import IndexTablesDataModule
-from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
+from text.blocks import COUNTERFACTUAL_KINDS, EDIT_KINDS, load_eval_pack, training_examples
 from text.blocks.continuations import continuation_tables
 from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
 
@@ -73,8 +73,11 @@ class BlocksTextDataModule(IndexTablesDataModule):
     Args:
         num_train_scenes: distinct training scenes generated from ``seed``.
         views_per_scene, counterfactuals_per_scene: realizations generated per training scene;
-            counterfactual ``i`` is a minimal pair with view ``i % views_per_scene``, and with 4 x
-            views_per_scene each view has one of each kind (color, relation, count, swapped arguments).
+            counterfactual ``i`` is a minimal pair with view ``i % views_per_scene``, and with
+            ``len(counterfactual_kinds)`` x views_per_scene each view has one of each kind.
+        counterfactual_kinds: the edits training negatives make, names of ``text.blocks.EDIT_KINDS``: by
+            default the spec's four (color, relation, count, swapped arguments); ``shape`` adds a shape flip
+            (README, "What the latent holds": measured, not adopted).
         counterfactuals_per_anchor: negatives worded like the anchor drawn per item and step.
         vocab_size: size of the byte-level BPE vocabulary (an upper bound: a small corpus may
             need fewer merges); linked to the model's embedding table.
@@ -91,6 +94,7 @@ class BlocksTextDataModule(IndexTablesDataModule):
         num_train_scenes: int = 20000,
         views_per_scene: int = 6,
         counterfactuals_per_scene: int = 24,
+        counterfactual_kinds: tuple[str, ...] = COUNTERFACTUAL_KINDS,
         counterfactuals_per_anchor: int = 1,
         vocab_size: int = 4096,
         max_length: int = 64,
@@ -102,6 +106,10 @@ class BlocksTextDataModule(IndexTablesDataModule):
         predict_file: str | None = None,
     ) -> None:
         super().__init__()
+        unknown = [kind for kind in counterfactual_kinds if kind not in EDIT_KINDS]
+        if unknown or not counterfactual_kinds:
+            raise ValueError(f"data.counterfactual_kinds must be a non-empty subset of {EDIT_KINDS}, "
+                             f"got {list(counterfactual_kinds)}")
         self.save_hyperparameters(logger=False)
         self.resolve_data_seed()
         self._tokenizer: Tokenizer | None = None
@@ -124,7 +132,8 @@ class BlocksTextDataModule(IndexTablesDataModule):
     @cached_property
     def train_examples(self) -> list[dict]:
         hp = self.hparams
-        return training_examples(hp.num_train_scenes, hp.seed, hp.views_per_scene, hp.counterfactuals_per_scene)
+        return training_examples(hp.num_train_scenes, hp.seed, hp.views_per_scene, hp.counterfactuals_per_scene,
+                                 tuple(hp.counterfactual_kinds))
 
     @cached_property
     def eval_pack(self) -> dict:

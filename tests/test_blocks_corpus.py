@@ -13,6 +13,8 @@ import pytest
 from text.blocks import (
     COLORS,
     COUNTERFACTUAL_KINDS,
+    EDIT_KINDS,
+    SHAPES,
     SPLITS,
     VIEW_KINDS,
     Group,
@@ -56,7 +58,7 @@ def scenes(num: int, seed: int = 0) -> list[Scene]:
 def edit_kind(old: Scene, new: Scene) -> str:
     """Which counterfactual kind turns ``old`` into ``new``, read off the two graphs."""
     if [group.ref for group in old.groups] != [group.ref for group in new.groups]:
-        return "color"
+        return "color" if {g.color for g in old.groups} != {g.color for g in new.groups} else "shape"
     if old.groups != new.groups:
         return "count"
     (removed,), (added,) = set(old.relations) - set(new.relations), set(new.relations) - set(old.relations)
@@ -276,8 +278,10 @@ def test_scenes_beyond_the_style_are_refused_by_realize():
 
 
 def test_every_counterfactual_kind_changes_the_graph_as_named():
+    assert EDIT_KINDS[: len(COUNTERFACTUAL_KINDS)] == COUNTERFACTUAL_KINDS == ("color", "relation", "count",
+                                                                                "swap_arguments")
     for index, scene in enumerate(scenes(200, seed=3)):
-        for kind in COUNTERFACTUAL_KINDS:
+        for kind in EDIT_KINDS:
             edited = counterfactual(scene, kind, random.Random(index))
             assert edited.key() != scene.key()
             assert edit_kind(scene, edited) == kind
@@ -285,13 +289,24 @@ def test_every_counterfactual_kind_changes_the_graph_as_named():
             if kind == "color":
                 old_colors = {group.color for group in scene.groups}
                 assert len({group.color for group in edited.groups} - old_colors) == 1
+            if kind == "shape":  # one group's shape, its color and count kept
+                changed = set(scene.groups) ^ set(edited.groups)
+                (old,), (new,) = changed & set(scene.groups), changed & set(edited.groups)
+                assert (old.color, old.count) == (new.color, new.count) and old.shape != new.shape
+
+
+def test_a_shape_flip_by_hand_renames_the_group_in_its_relations():
+    edited = counterfactual(CUBES_ON_BALL, "shape", random.Random(0))
+    (cubes,) = [group for group in edited.groups if group.color == "red"]
+    assert edited == Scene((cubes, Group("blue", "ball", 1)), (Relation("on", cubes.ref, ("blue", "ball")),))
+    assert cubes.shape != "cube" and cubes.count == 2
 
 
 def test_counterfactual_sentences_parse_to_the_counterfactual_scene():
     rng = random.Random(4)
     for index, scene in enumerate(scenes(200, seed=4)):
         style = random_style(rng)
-        for kind in COUNTERFACTUAL_KINDS:
+        for kind in EDIT_KINDS:
             sentence = counterfactual_sentence(scene, style, kind, random.Random(index))
             assert parse(sentence) == counterfactual(scene, kind, random.Random(index))
 
@@ -323,8 +338,11 @@ def test_counterfactuals_that_cannot_exist_are_refused():
     rainbow = Scene(tuple(Group(color, "ring", 1) for color in COLORS))
     with pytest.raises(ValueError, match="uses every color"):
         counterfactual(rainbow, "color", random.Random(0))
-    with pytest.raises(ValueError, match="kind must be one of .* got 'shape'"):
-        counterfactual(CUBES_ON_BALL, "shape", random.Random(0))
+    every_red = Scene(tuple(Group("red", shape, 1) for shape in SHAPES))
+    with pytest.raises(ValueError, match="names every shape in red"):
+        counterfactual(every_red, "shape", random.Random(0))
+    with pytest.raises(ValueError, match="kind must be one of .* got 'size'"):
+        counterfactual(CUBES_ON_BALL, "size", random.Random(0))
 
 
 # The parser.
@@ -441,3 +459,16 @@ def test_training_examples_are_fast_and_checked():
     assert time.perf_counter() - start < 5.0  # about half a second on one core
     with pytest.raises(ValueError, match="views_per_scene must be in \\[1, 32\\], got 0"):
         training_examples(1, seed=0, views_per_scene=0, counterfactuals_per_scene=1)
+    with pytest.raises(ValueError, match="non-empty subset of .*got \\['colour'\\]"):
+        training_examples(1, seed=0, views_per_scene=1, counterfactuals_per_scene=1, kinds=("colour",))
+
+
+def test_training_examples_take_the_kinds_they_are_given():
+    examples = training_examples(30, seed=0, views_per_scene=2, counterfactuals_per_scene=10, kinds=EDIT_KINDS)
+    for example in examples:
+        graph = parse(example["views"][0])
+        kinds = [edit_kind(graph, parse(sentence)) for sentence in example["counterfactuals"]]
+        for own_view in range(2):
+            assert sorted(kinds[own_view::2]) == sorted(EDIT_KINDS)
+    only_shapes = training_examples(5, seed=0, views_per_scene=2, counterfactuals_per_scene=2, kinds=("shape",))
+    assert all(edit_kind(parse(e["views"][0]), parse(c)) == "shape" for e in only_shapes for c in e["counterfactuals"])

@@ -74,6 +74,12 @@ def test_view_pairs_are_distinct_views_and_negatives_worded_like_the_anchor():
         view_pair_draw(3, 12, per_anchor=5)
 
 
+def test_counterfactual_kinds_default_to_the_spec_s_and_are_checked():
+    assert BlocksTextDataModule().hparams.counterfactual_kinds == ("color", "relation", "count", "swap_arguments")
+    with pytest.raises(ValueError, match="data.counterfactual_kinds must be a non-empty subset .*got \\['colour'\\]"):
+        BlocksTextDataModule(counterfactual_kinds=("colour",))
+
+
 def test_training_batches_hold_token_ids_of_the_drawn_views(datamodule):
     batch = next(iter(datamodule.train_dataloader()))
     drawn = {key: batch[key].clone() for key in ("index", "view_a", "view_b", "counterfactual")}

@@ -7,6 +7,7 @@ from text.blocks.parser import parse
 from text.blocks.scenes import (
     COLORS,
     COUNTERFACTUAL_KINDS,
+    EDIT_KINDS,
     RELATIONS,
     SHAPES,
     SPLITS,
@@ -32,6 +33,7 @@ from text.blocks.sentences import (
 __all__ = [
     "COLORS",
     "COUNTERFACTUAL_KINDS",
+    "EDIT_KINDS",
     "RELATIONS",
     "SHAPES",
     "SPLITS",

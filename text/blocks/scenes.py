@@ -24,7 +24,11 @@ INVERSE_RELATIONS = {"behind": "in_front_of", "right_of": "left_of", "under": "o
 SPLITS = ("train", "val", "test")
 # Cumulative percent bounds of the hash buckets: 80/10/10.
 SPLIT_BOUNDS = (("train", 80), ("val", 90), ("test", 100))
+# The spec's meaning-breaking edits (section 0), the kinds of the evaluation pack's counterfactuals.
 COUNTERFACTUAL_KINDS = ("color", "relation", "count", "swap_arguments")
+# Every edit ``counterfactual`` makes: the spec's and a shape flip, since no spec edit changes a shape and
+# a latent can then meet its shape-synonym views ("cube"/"block") by dropping the shape altogether.
+EDIT_KINDS = (*COUNTERFACTUAL_KINDS, "shape")
 
 Ref = tuple[str, str]
 
@@ -165,10 +169,11 @@ def counterfactual(scene: Scene, kind: str, rng: random.Random) -> Scene:
     """A scene whose graph differs from ``scene`` by one meaning-breaking edit of the given kind.
 
     Spec 004 section 0: flip a color (to one unused in the scene, keeping (color, shape) unique),
-    flip a relation to a different one, change a count, or swap a relation's arguments.
+    flip a relation to a different one, change a count, or swap a relation's arguments; beyond the
+    spec, ``"shape"`` flips a group's shape (to one its color does not already name).
     """
-    if kind not in COUNTERFACTUAL_KINDS:
-        raise ValueError(f"kind must be one of {COUNTERFACTUAL_KINDS}, got {kind!r}")
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"kind must be one of {EDIT_KINDS}, got {kind!r}")
     return _EDITS[kind](scene, rng)
 
 
@@ -178,7 +183,20 @@ def _recolor(scene: Scene, rng: random.Random) -> Scene:
     if not free:
         raise ValueError(f"scene {scene.key()} uses every color, so no color can be flipped")
     old = rng.choice(scene.groups)
-    new = replace(old, color=rng.choice(free))
+    return _renamed(scene, old, replace(old, color=rng.choice(free)))
+
+
+def _reshape(scene: Scene, rng: random.Random) -> Scene:
+    old = rng.choice(scene.groups)
+    used = {group.ref for group in scene.groups}
+    free = [shape for shape in SHAPES if (old.color, shape) not in used]
+    if not free:
+        raise ValueError(f"scene {scene.key()} names every shape in {old.color}, so no shape can be flipped")
+    return _renamed(scene, old, replace(old, shape=rng.choice(free)))
+
+
+def _renamed(scene: Scene, old: Group, new: Group) -> Scene:
+    """``scene`` with group ``old`` replaced by ``new``, its relations following the new name."""
     renamed = {old.ref: new.ref}
     groups = tuple(new if group == old else group for group in scene.groups)
     relations = tuple(
@@ -217,4 +235,5 @@ _EDITS: dict[str, Callable[[Scene, random.Random], Scene]] = {
     "relation": _rename_relation,
     "count": _recount,
     "swap_arguments": _swap_arguments,
+    "shape": _reshape,
 }

@@ -20,6 +20,7 @@ from typing import TypeVar
 from text.blocks.scenes import (
     COLORS,
     COUNTERFACTUAL_KINDS,
+    EDIT_KINDS,
     Group,
     Ref,
     Relation,
@@ -330,7 +331,8 @@ def distinct_realizations(scene: Scene, num: int, rng: random.Random) -> list[tu
 
 
 def training_examples(
-    num_scenes: int, seed: int, views_per_scene: int, counterfactuals_per_scene: int
+    num_scenes: int, seed: int, views_per_scene: int, counterfactuals_per_scene: int,
+    kinds: Sequence[str] = COUNTERFACTUAL_KINDS,
 ) -> list[dict[str, list[str]]]:
     """Distinct paraphrase views and counterfactual sentences for ``num_scenes`` train-split scenes.
 
@@ -338,22 +340,24 @@ def training_examples(
     Counterfactual ``i`` is a minimal pair with view ``i % views_per_scene`` (see
     ``counterfactual_sentence``), so an anchor view can be paired with a negative worded like itself:
     the hardest negative, telling meaning apart from wording. Kinds cycle from a random start, one
-    step per round over the views, so ``num_kinds * views_per_scene`` counterfactuals give every view
-    one negative of each kind.
+    step per round over the views, so ``len(kinds) * views_per_scene`` counterfactuals give every view
+    one negative of each of ``kinds`` (names of ``text.blocks.scenes.EDIT_KINDS``).
     """
     if not 1 <= views_per_scene <= MAX_DISTINCT_SENTENCES:
         raise ValueError(f"views_per_scene must be in [1, {MAX_DISTINCT_SENTENCES}], got {views_per_scene}")
+    unknown = [kind for kind in kinds if kind not in EDIT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"counterfactual kinds must be a non-empty subset of {EDIT_KINDS}, got {list(kinds)}")
     rng = random.Random(seed)
-    num_kinds = len(COUNTERFACTUAL_KINDS)
+    num_kinds = len(kinds)
     examples = []
     for scene in distinct_scenes(num_scenes, rng, "train"):
         views = distinct_realizations(scene, views_per_scene, rng)
         start = rng.randrange(num_kinds)
         num_views = len(views)
-        kinds = [COUNTERFACTUAL_KINDS[(start + i // num_views) % num_kinds]
-                 for i in range(counterfactuals_per_scene)]
+        scene_kinds = [kinds[(start + i // num_views) % num_kinds] for i in range(counterfactuals_per_scene)]
         negatives = [counterfactual_sentence(scene, views[i % len(views)][1], kind, rng)
-                     for i, kind in enumerate(kinds)]
+                     for i, kind in enumerate(scene_kinds)]
         examples.append({"views": [sentence for sentence, _ in views], "counterfactuals": negatives})
     return examples
 

@@ -1,0 +1,160 @@
+"""What a spec 004 encoder's latent holds: linear probes of a scene's content from ``z = g(V)``, from the
+whole grid ``V`` and, as the reference that has every word, from the sentence's bag of tokens.
+
+    python benchmarks/latent_content.py --checkpoints p3=runs/p3_invariance_cpu/checkpoints/last.ckpt \
+        --out FILE.json
+
+A probe is a logistic regression per target, trained on the latents of the checkpoint's own training
+views (its corpus, rebuilt from the checkpoint's data arguments) and scored on the held-out validation
+sentences and their paraphrases. Targets, read from each sentence by the corpus parser: which colors occur,
+which shapes occur, which (color, shape) groups occur (the binding of a color to its shape), and which
+relation names occur. The score is the area under the ROC curve averaged over a family's labels (0.5 is
+chance, 1 a perfect reading; torchmetrics' ``multilabel_auroc``). P4's decoder can only write what its latent
+holds, so a family the probe cannot read from ``V`` bounds P4's content accuracy. Prints a markdown table and
+writes ``{"results": [{"checkpoint", "features", "family", "auroc", ...}]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import multilabel_auroc
+
+from benchmarks.record import write_record
+from datamodules.blocks_text import BlocksTextDataModule
+from modules.visual_latent import VisualLatentText
+from text.blocks import COLORS, RELATIONS, SHAPES, parse
+from text.tokenizer import PAD_ID
+
+GROUPS = [(color, shape) for color in COLORS for shape in SHAPES]
+FAMILIES = {"color": slice(0, 8), "shape": slice(8, 13), "color_shape": slice(13, 53), "relation": slice(53, 56)}
+FEATURES = ("z", "V", "bag_of_tokens")
+
+
+def content_labels(sentences: list[str]) -> torch.Tensor:
+    """``[N, 56]`` 0/1: colors, shapes, (color, shape) groups and relation names of each parsed sentence."""
+    labels = torch.zeros(len(sentences), 56)
+    for row, sentence in enumerate(sentences):
+        scene = parse(sentence)
+        for group in scene.groups:
+            labels[row, COLORS.index(group.color)] = 1
+            labels[row, 8 + SHAPES.index(group.shape)] = 1
+            labels[row, 13 + GROUPS.index(group.ref)] = 1
+        for relation in scene.relations:
+            labels[row, 53 + RELATIONS.index(relation.name)] = 1
+    return labels
+
+
+def load(checkpoint: str) -> tuple[VisualLatentText, BlocksTextDataModule]:
+    """The checkpoint's model (its averaged weights) and its datamodule, tokenizer included."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    arguments = {k: v for k, v in state["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    datamodule = BlocksTextDataModule(**arguments)
+    datamodule.load_state_dict(state["BlocksTextDataModule"])
+    datamodule.setup("fit")
+    model = VisualLatentText.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    return model, datamodule
+
+
+@torch.no_grad()
+def features(model: VisualLatentText, ids: torch.Tensor, vocab_size: int, batch: int = 256) -> dict[str, torch.Tensor]:
+    zs, vs = [], []
+    for start in range(0, len(ids), batch):
+        chunk = ids[start:start + batch]
+        chunk = chunk[:, : int((chunk != PAD_ID).sum(1).max())]
+        v = model.latent(chunk)
+        zs.append(model.readout(v))
+        vs.append(v.flatten(1))
+    bag = torch.zeros(len(ids), vocab_size).scatter_add_(1, ids, torch.ones(ids.shape))
+    bag[:, PAD_ID] = 0
+    return {"z": torch.cat(zs), "V": torch.cat(vs), "bag_of_tokens": bag}
+
+
+def probe_auroc(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                steps: int, seed: int) -> dict[str, float]:
+    """Per family, the macro AUROC of a multi-label logistic regression (standardized inputs, Adam, L2)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(train_x.shape[1], train_y.shape[1])
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        rows = torch.randint(len(train_x), (2048,))
+        loss = F.binary_cross_entropy_with_logits(probe(train_x[rows]), train_y[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        scores = probe(test_x)
+    return {family: float(multilabel_auroc(scores[:, columns], test_y[:, columns].int(), columns.stop - columns.start,
+                                           average="macro"))
+            for family, columns in FAMILIES.items()}
+
+
+def measure(name: str, checkpoint: str, examples: int, steps: int, seed: int) -> list[dict]:
+    start = time.perf_counter()
+    model, datamodule = load(checkpoint)
+    views = datamodule.host_tables("train")["views"]
+    sentences = [s for item in datamodule.train_examples for s in item["views"]]
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))[:examples]
+    train_ids = views.reshape(-1, views.shape[-1])[order]
+    val = datamodule.host_tables("val")
+    items = datamodule.eval_pack["val"][: len(val["sentence"])]
+    test_sentences = [s for item in items for s in (item["sentence"], *item["paraphrases"])]
+    test_ids = torch.cat([val["sentence"].unsqueeze(1), val["paraphrases"]], dim=1)
+    width = max(train_ids.shape[1], test_ids.shape[2])
+    train_ids, test_ids = F.pad(train_ids, (0, width - train_ids.shape[1])), F.pad(test_ids, (0, width - test_ids.shape[2]))
+    vocab = datamodule.vocab_size
+    train = features(model, train_ids, vocab)
+    test = features(model, test_ids.reshape(-1, width), vocab)
+    train_y = content_labels([sentences[i] for i in order.tolist()])
+    test_y = content_labels(test_sentences)
+    rows = []
+    for kind in FEATURES:
+        scores = probe_auroc(train[kind], train_y, test[kind], test_y, steps, seed)
+        rows += [{"checkpoint": name, "features": kind, "family": family, "auroc": auroc,
+                  "train_sentences": len(train_y), "test_sentences": len(test_y)} for family, auroc in scores.items()]
+    print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| checkpoint | features | " + " | ".join(FAMILIES) + " |", "|---|---|" + "---|" * len(FAMILIES)]
+    keys = dict.fromkeys((r["checkpoint"], r["features"]) for r in rows)
+    for checkpoint, kind in keys:
+        auroc = {r["family"]: r["auroc"] for r in rows if (r["checkpoint"], r["features"]) == (checkpoint, kind)}
+        lines.append(f"| {checkpoint} | {kind} | " + " | ".join(f"{auroc[f]:.3f}" for f in FAMILIES) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=PATH")
+    parser.add_argument("--examples", type=int, default=12000, help="training views the probes fit on")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for entry in args.checkpoints:
+        name, sep, path = entry.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"--checkpoints wants NAME=PATH with an existing checkpoint file, got {entry!r}")
+        rows += measure(name, path, args.examples, args.steps, args.seed)
+    print(table(rows))
+    write_record(args.out, {"results": rows, "examples": args.examples, "steps": args.steps, "seed": args.seed},
+                 args.threads)
+
+
+if __name__ == "__main__":
+    main()
