@@ -17,6 +17,7 @@ writes ``{"results": [{"checkpoint", "features", "family", "auroc", ...}]}``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -32,24 +33,25 @@ from benchmarks.record import write_record
 from datamodules.blocks_text import BlocksTextDataModule
 from modules.visual_latent import VisualLatentText
 from text.blocks import COLORS, RELATIONS, SHAPES, parse
-from text.tokenizer import PAD_ID
+from text.tokenizer import PAD_ID, trim_padding
 
-GROUPS = [(color, shape) for color in COLORS for shape in SHAPES]
-FAMILIES = {"color": slice(0, 8), "shape": slice(8, 13), "color_shape": slice(13, 53), "relation": slice(53, 56)}
+GROUPS = tuple((color, shape) for color in COLORS for shape in SHAPES)
+LABELS = {"color": COLORS, "shape": SHAPES, "color_shape": GROUPS, "relation": RELATIONS}
+OFFSETS = dict(zip(LABELS, itertools.accumulate((len(names) for names in LABELS.values()), initial=0)))
+FAMILIES = {family: slice(OFFSETS[family], OFFSETS[family] + len(names)) for family, names in LABELS.items()}
 FEATURES = ("z", "V", "bag_of_tokens")
 
 
 def content_labels(sentences: list[str]) -> torch.Tensor:
-    """``[N, 56]`` 0/1: colors, shapes, (color, shape) groups and relation names of each parsed sentence."""
-    labels = torch.zeros(len(sentences), 56)
+    """``[N, labels]`` 0/1: the colors, shapes, (color, shape) groups and relation names of each parsed
+    sentence, in the column ranges of ``FAMILIES``."""
+    labels = torch.zeros(len(sentences), sum(len(names) for names in LABELS.values()))
     for row, sentence in enumerate(sentences):
         scene = parse(sentence)
-        for group in scene.groups:
-            labels[row, COLORS.index(group.color)] = 1
-            labels[row, 8 + SHAPES.index(group.shape)] = 1
-            labels[row, 13 + GROUPS.index(group.ref)] = 1
-        for relation in scene.relations:
-            labels[row, 53 + RELATIONS.index(relation.name)] = 1
+        named = {"color": [g.color for g in scene.groups], "shape": [g.shape for g in scene.groups],
+                 "color_shape": [g.ref for g in scene.groups], "relation": [r.name for r in scene.relations]}
+        for family, values in named.items():
+            labels[row, [OFFSETS[family] + LABELS[family].index(value) for value in values]] = 1
     return labels
 
 
@@ -68,9 +70,7 @@ def load(checkpoint: str) -> tuple[VisualLatentText, BlocksTextDataModule]:
 def features(model: VisualLatentText, ids: torch.Tensor, vocab_size: int, batch: int = 256) -> dict[str, torch.Tensor]:
     zs, vs = [], []
     for start in range(0, len(ids), batch):
-        chunk = ids[start:start + batch]
-        chunk = chunk[:, : int((chunk != PAD_ID).sum(1).max())]
-        v = model.latent(chunk)
+        v = model.latent(trim_padding(ids[start:start + batch]))
         zs.append(model.readout(v))
         vs.append(v.flatten(1))
     bag = torch.zeros(len(ids), vocab_size).scatter_add_(1, ids, torch.ones(ids.shape))

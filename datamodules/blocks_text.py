@@ -30,8 +30,9 @@ from tokenizers import Tokenizer
 
 from datamodules.index_batches import IndexBatchLoader, ItemDraw
 from datamodules.index_tables import IndexTablesDataModule
-from text.blocks import COUNTERFACTUAL_KINDS, EDIT_KINDS, load_eval_pack, training_examples
+from text.blocks import COUNTERFACTUAL_KINDS, load_eval_pack, training_examples
 from text.blocks.continuations import continuation_tables
+from text.blocks.scenes import check_edit_kinds
 from text.tokenizer import PAD_ID, encode, train_bpe, trim_padding
 
 EVAL_ID_KEYS = ("sentence", "paraphrases", "counterfactuals")
@@ -106,10 +107,7 @@ class BlocksTextDataModule(IndexTablesDataModule):
         predict_file: str | None = None,
     ) -> None:
         super().__init__()
-        unknown = [kind for kind in counterfactual_kinds if kind not in EDIT_KINDS]
-        if unknown or not counterfactual_kinds:
-            raise ValueError(f"data.counterfactual_kinds must be a non-empty subset of {EDIT_KINDS}, "
-                             f"got {list(counterfactual_kinds)}")
+        check_edit_kinds(counterfactual_kinds, "data.counterfactual_kinds")
         self.save_hyperparameters(logger=False)
         self.resolve_data_seed()
         self._tokenizer: Tokenizer | None = None

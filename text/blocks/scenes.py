@@ -177,6 +177,12 @@ def counterfactual(scene: Scene, kind: str, rng: random.Random) -> Scene:
     return _EDITS[kind](scene, rng)
 
 
+def check_edit_kinds(kinds: tuple[str, ...] | list[str], name: str = "counterfactual kinds") -> None:
+    """Refuse ``kinds`` unless it is a non-empty list of ``EDIT_KINDS`` names; ``name`` says whose it is."""
+    if not kinds or any(kind not in EDIT_KINDS for kind in kinds):
+        raise ValueError(f"{name} must be a non-empty subset of {EDIT_KINDS}, got {list(kinds)}")
+
+
 def _recolor(scene: Scene, rng: random.Random) -> Scene:
     used = {group.color for group in scene.groups}
     free = [color for color in COLORS if color not in used]

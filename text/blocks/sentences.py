@@ -20,11 +20,11 @@ from typing import TypeVar
 from text.blocks.scenes import (
     COLORS,
     COUNTERFACTUAL_KINDS,
-    EDIT_KINDS,
     Group,
     Ref,
     Relation,
     Scene,
+    check_edit_kinds,
     counterfactual,
     distinct_scenes,
 )
@@ -345,9 +345,7 @@ def training_examples(
     """
     if not 1 <= views_per_scene <= MAX_DISTINCT_SENTENCES:
         raise ValueError(f"views_per_scene must be in [1, {MAX_DISTINCT_SENTENCES}], got {views_per_scene}")
-    unknown = [kind for kind in kinds if kind not in EDIT_KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"counterfactual kinds must be a non-empty subset of {EDIT_KINDS}, got {list(kinds)}")
+    check_edit_kinds(kinds)
     rng = random.Random(seed)
     num_kinds = len(kinds)
     examples = []
