@@ -36,12 +36,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from modules.distributed import gather_with_gradients
 from modules.latent_decoding import decoder_logits, decoding_rows, frame_for_decoder
 from modules.latent_decoding import summarize as summarize_decoding
 from modules.latent_jitter import jitter, shift_robustness
 from modules.latent_snapshot import LatentSnapshot
+from modules.losses.bag_of_words import bag_of_words_loss, ngram_bag
 from modules.losses.contrastive import info_nce, invariance_loss, vicreg_regularizer
 from modules.losses.decoding import reconstruction_loss, vocabulary_mask
 from modules.losses.image_priors import (
@@ -104,6 +106,9 @@ class VisualLatentText(MethodModule):
         frozen: networks that do not train (P4: ``[encoder, readout]``); they also stay in eval mode.
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
+        bag_of_words_weight: weight of the bag-of-words term on ``z`` (``modules.losses.bag_of_words``; 0 is
+            the spec's objective): a linear head on ``z`` must give every word of each view, and with
+            bag_of_words_ngrams > 1 its n-grams, hashed into bag_of_words_buckets buckets.
         alpha_range: channels whose spectral slope lies here count as image-like.
         lr, betas, weight_decay, warmup_steps, min_lr_factor, compile: see ``modules.method_base``.
         init_from, init_prefixes: a checkpoint (e.g. the end of P1) whose weights, and tokenizer, start
@@ -152,6 +157,9 @@ class VisualLatentText(MethodModule):
         temperature: float = 0.07,
         counterfactual_negatives: bool = True,
         vicreg_weight: float = 0.0,
+        bag_of_words_weight: float = 0.0,
+        bag_of_words_ngrams: int = 1,
+        bag_of_words_buckets: int = 4096,
         invariance_weight: float = 0.0,
         invariance_unit: bool = True,
         jitter_prob: float = 0.5,
@@ -199,7 +207,8 @@ class VisualLatentText(MethodModule):
         self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels),
                                       standardize_maps)
         # P1 has no loss on z: a trainable readout would be a parameter DDP waits for in vain.
-        self.readout.requires_grad_(bool(contrastive_weight))
+        self.readout.requires_grad_(bool(contrastive_weight or bag_of_words_weight))
+        self.bag_of_words = nn.Linear(embedding_dim, bag_of_words_buckets) if bag_of_words_weight else None
         self.decoder = None
         if decoder_depth:
             self.decoder = LatentTextDecoder(vocab_size, max_length + 2, channels, grid_size, embedding_dim,
@@ -284,8 +293,15 @@ class VisualLatentText(MethodModule):
         if "encoder" not in hp.frozen:  # the priors shape the encoder's latent, nothing else
             loss, terms = self.prior_loss(torch.cat(latents))
             logs = {f"train/prior_{name}": value for name, value in terms.items()}
+        z = [self.readout(v) for v in latents] if hp.contrastive_weight or hp.bag_of_words_weight else []
+        if hp.bag_of_words_weight:
+            # each view's own words: the views of a scene differ in wording, and the head may spread over synonyms
+            bags = [ngram_bag(ids, PAD_ID, hp.bag_of_words_ngrams, hp.bag_of_words_buckets)
+                    for ids in (batch["view_a"], batch["view_b"])[:len(z)]]
+            bow = bag_of_words_loss(self.bag_of_words(torch.cat(z[:2])), torch.cat(bags))
+            loss = loss + hp.bag_of_words_weight * bow
+            logs["train/bag_of_words"] = bow
         if hp.contrastive_weight:
-            z = [self.readout(v) for v in latents]
             nce = self.contrastive_loss(z[0], z[1], z[2] if len(z) == 3 else None)
             loss = loss + hp.contrastive_weight * nce
             logs["train/info_nce"] = nce
