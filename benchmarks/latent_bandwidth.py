@@ -88,7 +88,8 @@ def loss_of(embed: nn.Module, head: nn.Module, ids: torch.Tensor, vocab_size: in
 def measure(name: str, hparams: dict, views: torch.Tensor, held_out: torch.Tensor, steps: int, batch: int,
             lr: float, every: int, seed: int) -> dict:
     embed, head = fresh_path(name, hparams, seed)
-    parameters = [*embed.parameters(), *head.parameters()]
+    # the method's path holds the head already; the token path holds only the Transformer and its map
+    parameters = list(dict.fromkeys([*embed.parameters(), *head.parameters()]))
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     draws = torch.Generator().manual_seed(seed)
     evaluations, start = [], time.perf_counter()

@@ -189,6 +189,8 @@ class VisualLatentText(MethodModule):
         self.save_hyperparameters()
         if invariance_weight and not contrastive_weight:
             raise ValueError("invariance_weight needs contrastive_weight > 0: P3 builds on P2's readout z")
+        if bag_of_words_weight and "readout" in frozen:
+            raise ValueError("bag_of_words_weight shapes z, which a frozen readout (P4) keeps fixed: set it to 0")
         self.prior_weights = _checked_prior_weights(prior_weights)
         if latent_head not in LATENT_HEADS:
             raise ValueError(f"latent_head must be one of {LATENT_HEADS}, got {latent_head!r}")

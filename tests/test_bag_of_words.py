@@ -28,10 +28,14 @@ def test_bigrams_hash_into_their_buckets_and_stop_at_the_padding():
     assert torch.equal(bag, expected)
 
 
-def test_trigrams_add_one_per_window():
+def test_trigrams_add_one_per_window_in_their_buckets():
     ids = torch.tensor([[3, 4, 5, 6]])
     counts = [ngram_bag(ids, 0, n, 1 << 20).sum().item() for n in (1, 2, 3)]
     assert counts == [4, 4 + 3, 4 + 3 + 2]
+    # (3, 4, 5) -> (3 base^2 + 4 base + 5 + 2) mod 1000, with base mod 1000 = 3: (27 + 12 + 7) = 46;
+    # (4, 5, 6) -> (36 + 15 + 8) = 59
+    trigrams = ngram_bag(ids, 0, 3, 1000) - ngram_bag(ids, 0, 2, 1000)
+    assert NGRAM_HASH_BASE % 1000 == 3 and trigrams.nonzero()[:, 1].tolist() == [46, 59]
 
 
 def test_loss_is_the_mean_negative_log_probability_of_the_bag():
