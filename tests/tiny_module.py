@@ -77,9 +77,7 @@ class SignalAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
             print(f"sending {self.signal_name} at step {self.step}", flush=True)
-            # raise_signal runs the handler before it returns, so a Ctrl-C's KeyboardInterrupt is raised here;
-            # after os.kill it surfaced wherever the interpreter next looked, and inside a finalizer Python
-            # ignores it (a SIGINT test ran to the end with status 0 now and then)
+            # raise_signal runs the handler before it returns: the interrupt comes from this step
             signal.raise_signal(getattr(signal, self.signal_name))
 
 
