@@ -31,6 +31,7 @@ from torchmetrics.functional.classification import multilabel_auroc
 
 from benchmarks.record import write_record
 from datamodules.blocks_text import BlocksTextDataModule
+from modules.losses.bag_of_words import ngram_bag
 from modules.visual_latent import VisualLatentText
 from text.blocks import COLORS, RELATIONS, SHAPES, parse
 from text.tokenizer import PAD_ID, trim_padding
@@ -73,8 +74,7 @@ def features(model: VisualLatentText, ids: torch.Tensor, vocab_size: int, batch:
         v = model.latent(trim_padding(ids[start:start + batch]))
         zs.append(model.readout(v))
         vs.append(v.flatten(1))
-    bag = torch.zeros(len(ids), vocab_size).scatter_add_(1, ids, torch.ones(ids.shape))
-    bag[:, PAD_ID] = 0
+    bag = ngram_bag(ids, PAD_ID, 1, vocab_size)
     return {"z": torch.cat(zs), "V": torch.cat(vs), "bag_of_tokens": bag}
 
 

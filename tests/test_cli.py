@@ -149,8 +149,8 @@ def test_an_interrupt_mid_epoch_saves_last_and_the_resumed_fit_ends_with_the_str
                           f"      init_args: {{step: 7, signal_name: {signal_name}}}\n")
     cli("fit", *blob_args(blob_files, tmp_path / "straight"))
     split = tmp_path / "split"
-    # A process inherits an ignored SIGINT, and Python then leaves it ignored; a pytest worker can hold one (Lightning
-    # ignores SIGINT while it shuts down after a KeyboardInterrupt), so the run starts as a terminal's would.
+    # A process inherits an ignored SIGINT, and Python then leaves it ignored; a pytest worker can hold one (Lightning,
+    # for one, ignores SIGINT while it shuts down after a KeyboardInterrupt), so the run starts as a terminal's would.
     interrupted = subprocess.run([PYTHON, str(REPO / "cli.py"), "fit", *blob_args(blob_files, split),
                                   "--config", str(preemption)],
                                  check=False, cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=300,
