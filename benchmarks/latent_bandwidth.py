@@ -9,8 +9,8 @@ the overrides of ``PATHS`` differ) and trains on one objective alone, the bag-of
 no InfoNCE: the objective asks for all the content, so what the loss reaches in a fixed budget of steps
 measures how much of the sentence the path lets through and how quickly it learns to. ``tokens`` skips the
 latent: ``z`` is a linear map of the mean of the Transformer's token states, the same encoder without the
-grid. The score is the loss on the held-out validation sentences, beside the two ends of its range: a ``z``
-that knows nothing (the training corpus's word frequencies, ``marginal``) and a ``z`` that knows every word
+grid; the ``_pixels`` paths read ``V`` through a linear map of all its pixels in place of the readout. The
+score is the loss on the held-out validation sentences, beside the two ends of its range: a ``z`` that knows nothing (the training corpus's word frequencies, ``marginal``) and a ``z`` that knows every word
 (each sentence's own bag, ``floor``). Prints a markdown table and writes
 ``{"results": [{"path", "overrides", "evaluations": [{"step", "loss"}], ...}], "marginal", "floor", ...}``.
 """
@@ -40,11 +40,17 @@ PATHS = {
     "default": {},
     "grid": {"latent_head": "grid"},
     "slots": {"latent_head": "slots"},
+    "token_blobs": {"latent_head": "token_blobs"},
+    "grid_and_token_blobs": {"latent_head": "grid_and_token_blobs"},
     "raw_maps": {"standardize_maps": False},
     "channels_24": {"channels": 24},
     "pool_8": {"pool_levels": (1, 2, 4, 8)},
     "head_depth_2": {"head_depth": 2},
+    "grid_pixels": {"latent_head": "grid"},
+    "token_blobs_pixels": {"latent_head": "token_blobs"},
 }
+# Paths whose z is a linear map of every pixel of V instead of the readout g(V): what V holds, not what g keeps.
+PIXEL_READ = ("grid_pixels", "token_blobs_pixels")
 
 
 class TokenStatesPath(nn.Module):
@@ -72,13 +78,27 @@ class LatentPath(nn.Module):
         return self.model.embed(ids)
 
 
+class PixelPath(nn.Module):
+    """``z`` = a linear map of all ``C x H x W`` values of ``V(x)``: the latent without the readout's pooling."""
+
+    def __init__(self, model: VisualLatentText) -> None:
+        super().__init__()
+        self.model = model
+        hp = model.hparams
+        self.to_embedding = nn.Linear(hp.channels * hp.grid_size**2, hp.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.to_embedding(self.model.latent(ids).flatten(1))
+
+
 def fresh_path(name: str, hparams: dict, seed: int) -> tuple[nn.Module, nn.Module]:
     """``(embed, head)``: ``embed`` maps ids to ``z``, ``head`` maps ``z`` to the vocabulary's logits."""
     torch.manual_seed(seed)
     arguments = {k: v for k, v in hparams.items() if k not in ("init_from", "init_prefixes")}
     arguments |= PATHS[name] | {"bag_of_words_weight": 1.0, "bag_of_words_buckets": hparams["vocab_size"]}
     model = VisualLatentText(**arguments)
-    return (TokenStatesPath(model) if name == "tokens" else LatentPath(model)), model.bag_of_words
+    path = TokenStatesPath if name == "tokens" else PixelPath if name in PIXEL_READ else LatentPath
+    return path(model), model.bag_of_words
 
 
 def loss_of(embed: nn.Module, head: nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -10,7 +10,11 @@ priors); ``p3`` starts from the last checkpoint of ``p2`` (or of ``p2_scratch`` 
 ``p3_spec_raw`` is P3 with the spec's literal invariance term on raw ``z``; ``p4`` trains the decoder on the
 frozen encoder of ``p3`` (or ``p2``, ``p2_scratch``), and ``p4_seed1``, ``p4_seed2`` do the same under other
 seeds (the decoder's weights, the corpus and its draws; the encoder is the same). ``p2_spec_latent`` is the
-main job with the spec's literal latent (the grid head alone, its maps read raw), ``p4_spec_latent`` P4 on it. Prints a markdown table of every gate criterion's value and writes
+main job with the spec's literal latent (the grid head alone, its maps read raw), ``p4_spec_latent`` P4 on it.
+``p2_token_blobs`` is the main job with a Gaussian blob per token over the grid head's texture
+(``latent_head: grid_and_token_blobs``), ``p2_token_blobs_shapes`` the same with shape-flip negatives too, and
+``p4_token_blobs``, ``p4_token_blobs_shapes`` P4 on each (with the default data). Prints a markdown table of every
+gate criterion's value and writes
 ``{"runs": [{"run", "phase", "passed", "wall_seconds", "criteria": [...]}], ...}``.
 """
 
@@ -35,6 +39,7 @@ import torch  # noqa: E402
 from benchmarks.record import write_record  # noqa: E402
 from callbacks.latent_prediction_writer import LatentPredictionWriter  # noqa: E402
 from cli import main as cli_main  # noqa: E402
+from text.blocks.sentences import CONTENT_KINDS
 
 P1 = ["configs/p1_priors.yaml", "configs/profiles/p1_priors_cpu.yaml"]
 P2 = ["configs/p2_contrastive.yaml", "configs/profiles/p2_contrastive_cpu.yaml"]
@@ -43,6 +48,11 @@ P4 = ["configs/p4_decoder.yaml", "configs/profiles/p4_decoder_cpu.yaml"]
 # The spec's literal latent: the grid head alone, read with each map's brightness and contrast (the configs'
 # default is slot blobs over that texture, read through standardized maps).
 SPEC_LATENT = ["--model.init_args.latent_head", "grid", "--model.init_args.standardize_maps", "false"]
+# A blob per token over the grid head's texture (modules.networks.slot_splat.TokenSplatHead), and a fifth kind of
+# training negative that flips one group's shape (every view gets one of each of the five kinds).
+TOKEN_BLOBS = ["--model.init_args.latent_head", "grid_and_token_blobs"]
+SHAPE_NEGATIVES = ["--data.init_args.counterfactual_kinds", "[color, relation, count, swap_arguments, shape]",
+                   "--data.init_args.counterfactuals_per_scene", "30"]
 # Per run: its configs, its options, and the runs whose last checkpoint it may start from (the first present).
 RUNS = {
     "p1": (P1, [], ()),
@@ -56,6 +66,10 @@ RUNS = {
                           ("p3", "p2", "p2_scratch")) for seed in (1, 2)},
     "p2_spec_latent": (P2, SPEC_LATENT, ()),
     "p4_spec_latent": (P4, SPEC_LATENT, ("p2_spec_latent",)),
+    "p2_token_blobs": (P2, TOKEN_BLOBS, ()),
+    "p4_token_blobs": (P4, TOKEN_BLOBS, ("p2_token_blobs",)),
+    "p2_token_blobs_shapes": (P2, TOKEN_BLOBS + SHAPE_NEGATIVES, ()),
+    "p4_token_blobs_shapes": (P4, TOKEN_BLOBS, ("p2_token_blobs_shapes",)),
 }
 
 
@@ -65,7 +79,7 @@ RECONSTRUCTED = 10  # held-out sentences whose reconstructions a decoder run rep
 REPORTED = ("r1", "cos_gap", "cos_gap_swap_arguments", "text_dependence", "spatial_text_dependence",
             "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px", "content_accuracy",
             "content_exact_accuracy", "content_exact_ceiling", "function_accuracy", "shuffle_ce_increase",
-            "content_attention_entropy")
+            "content_attention_entropy", *(f"content_accuracy_{kind}" for kind in CONTENT_KINDS))
 
 
 def start_options(name: str, done: list[str], workdir: Path) -> list[str]:

@@ -156,6 +156,7 @@ class IMUTextAlignment(MethodModule):
         checkpoint["prototype_refreshes"] = self.refreshes  # the monitoring lines' update count goes on
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.refreshes = checkpoint.get("prototype_refreshes", 0)
 
     def assign_label_prototypes(self) -> torch.Tensor:

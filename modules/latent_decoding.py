@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.losses.decoding import attention_concentration, masked_logits, shuffle_pixels, teacher_forcing
+from text.blocks.sentences import CONTENT_KINDS, FUNCTION_TOKEN
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 SHUFFLE_SEED = 0
@@ -39,9 +40,12 @@ def _row_sums(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
-                  allowed: torch.Tensor | None, content_tokens: torch.Tensor, accepted: torch.Tensor,
+                  allowed: torch.Tensor | None, content_kinds: torch.Tensor, accepted: torch.Tensor,
                   best_continuation: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per sentence ``[B]``: counts and sums the split's decoding metrics are ratios of.
+
+    ``content_kinds [vocab]`` gives each token's index in ``CONTENT_KINDS``, ``FUNCTION_TOKEN`` for a function
+    token or ``NO_SINGLE_KIND`` (``text.blocks.sentences``; ``modules.visual_latent.content_kind_table``).
 
     A prediction is a hit when the sentence's meaning allows it there (``accepted [B, L + 1, K]``, the
     continuations of ``text.blocks.continuations``), an exact hit when it is the sentence's own token; the
@@ -51,7 +55,8 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     framed = frame_for_decoder(ids)
     logits, targets = decoder_logits(decoder, framed, v, z, allowed)
     real = targets != PAD_ID
-    content = content_tokens.to(targets.device)[targets] & real
+    kinds = content_kinds.to(targets.device)[targets]
+    content = (kinds != FUNCTION_TOKEN) & real
     function = real & ~content
     cross_entropy = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
     predicted = logits.argmax(dim=-1)
@@ -63,7 +68,12 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
     # the last block's attention of each target's position over the grid: heads averaged, the z token dropped
     attention = attention_concentration(decoder.cross_attention(framed[:, :-1], v, z).mean(dim=1)[..., 1:])
-    return {
+    by_kind = {}
+    for index, kind in enumerate(CONTENT_KINDS):
+        of_kind = (kinds == index) & real
+        by_kind[f"content_{kind}_tokens"] = of_kind.sum(dim=1).float()
+        by_kind[f"content_{kind}_hits"] = _row_sums(hits, of_kind)
+    return by_kind | {
         "tokens": real.sum(dim=1).float(), "content_tokens": content.sum(dim=1).float(),
         "function_tokens": function.sum(dim=1).float(),
         "content_hits": _row_sums(hits, content), "function_hits": _row_sums(hits, function),
@@ -82,7 +92,8 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sentence's own tokens, the spec's literal measure) and its ``content_exact_ceiling`` for a decoder that
     knows the meaning and not the wording, ``cross_entropy`` (per token) and its content and function
     parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the uniform's) and
-    ``content_attention_peak`` (the peak weight over the uniform's)."""
+    ``content_attention_peak`` (the peak weight over the uniform's); ``content_accuracy_{kind}`` per kind of
+    ``CONTENT_KINDS`` (colors, shapes, counts, relation words; NaN where the split has none)."""
     total = {name: values.sum() for name, values in rows.items()}
     tokens, content, function = total["tokens"], total["content_tokens"], total["function_tokens"]
     cross_entropy = total["cross_entropy"] / tokens
@@ -95,4 +106,5 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "shuffle_ce_increase": total["shuffled_cross_entropy"] / tokens / cross_entropy - 1,
         "content_attention_entropy": total["content_attention_entropy"] / content,
         "content_attention_peak": total["content_attention_peak"] / content,
-    }
+    } | {f"content_accuracy_{kind}": total[f"content_{kind}_hits"] / total[f"content_{kind}_tokens"]
+         for kind in CONTENT_KINDS}

@@ -120,6 +120,7 @@ class MethodModule(L.LightningModule):
         if path is None:
             return
         checkpoint = read_checkpoint(path)
+        self.upgrade_state_dict(checkpoint["state_dict"])
         prefixes = tuple(self.hparams.init_prefixes or ("",))
         selected = {name: value for name, value in checkpoint["state_dict"].items() if name.startswith(prefixes)}
         if not selected:
@@ -137,6 +138,13 @@ class MethodModule(L.LightningModule):
             rank_zero_warn(f"init_from={path}: {len(missing)} weights are not in the checkpoint and start "
                            f"fresh: {missing}")
         self._init_data_state = _datamodule_state(checkpoint, path)
+
+    def upgrade_state_dict(self, state: dict) -> None:
+        """Brings, in place, the weights of a checkpoint saved by an earlier layout of this method to its present
+        names; called on every checkpoint read, by ``init_from`` and by ``on_load_checkpoint``. None here."""
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.upgrade_state_dict(checkpoint["state_dict"])
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile:

@@ -57,18 +57,18 @@ from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
-from modules.networks.slot_splat import SlotSplatHead, SummedHeads
+from modules.networks.slot_splat import SlotSplatHead, SummedHeads, TokenSplatHead, rename_pre_painter_weights
 from modules.networks.text_decoder import LatentTextDecoder
 from modules.networks.text_encoder import TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
-from text.blocks.sentences import content_words
-from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, content_token_table
+from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, word_set_votes
 
 SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis": 0.05, "cov": 0.05,
                       "var": 0.05}
 MONTAGE_SIZE = 16
 FREEZABLE = ("encoder", "readout")
-LATENT_HEADS = ("grid", "slots", "grid_and_slots")
+LATENT_HEADS = ("grid", "slots", "grid_and_slots", "token_blobs", "grid_and_token_blobs")
 ATTENTION_SENTENCES = 4  # montage sentences whose content tokens' attention maps are drawn
 
 
@@ -83,7 +83,9 @@ class VisualLatentText(MethodModule):
         latent_head: ``grid`` (the spec's grid cross-attention head), ``slots`` (its slot-attention variant,
             ``modules.networks.slot_splat``: num_slots slots after slot_iterations rounds, each splatted as a
             Gaussian whose scales lie in slot_scales pixels; its MLP is head_ffn_dim wide) or
-            ``grid_and_slots`` (their sum: the blobs over the grid head's texture).
+            ``grid_and_slots`` (their sum: the blobs over the grid head's texture); ``token_blobs`` paints every
+            token as its own Gaussian, with scales in slot_scales pixels (``TokenSplatHead``, not in the spec),
+            and ``grid_and_token_blobs`` sums those blobs and the grid head's texture.
         head_dim, head_dropout: the head's width and dropout when they differ from the encoder's
             (``None``: the same; a narrower head reads linearly projected token states).
         embedding_dim, readout_hidden_dim, pool_levels: ``g(V)``, mean/var pooling over the whole
@@ -129,7 +131,7 @@ class VisualLatentText(MethodModule):
         positions: Literal["rope", "learned"] = "rope",
         grid_size: int = 32,
         channels: int = 6,
-        latent_head: Literal["grid", "slots", "grid_and_slots"] = "grid",
+        latent_head: Literal["grid", "slots", "grid_and_slots", "token_blobs", "grid_and_token_blobs"] = "grid",
         num_slots: int = 6,
         slot_iterations: int = 3,
         slot_scales: tuple[float, float] = (1.0, 8.0),
@@ -204,6 +206,8 @@ class VisualLatentText(MethodModule):
         if "slots" in latent_head:
             heads_of_v.append(SlotSplatHead(head_dim or dim, grid_size, channels, num_slots, slot_iterations,
                                             head_ffn_dim, *slot_scales))
+        if "token_blobs" in latent_head:
+            heads_of_v.append(TokenSplatHead(head_dim or dim, grid_size, channels, *slot_scales))
         head = heads_of_v[0] if len(heads_of_v) == 1 else SummedHeads(*heads_of_v)
         self.encoder = TextToGrid(tokens, head)
         self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels),
@@ -218,7 +222,7 @@ class VisualLatentText(MethodModule):
                                              decoder_dropout, pixel_mlp, PAD_ID, standardize_maps)
             # What the decoder may write and which of its tokens are content, from the training corpus.
             self.register_buffer("allowed_tokens", torch.ones(vocab_size, dtype=torch.bool))
-            self.register_buffer("content_tokens", torch.zeros(vocab_size, dtype=torch.bool))
+            self.register_buffer("content_kinds", torch.full((vocab_size,), FUNCTION_TOKEN))
             self.register_buffer("token_tables_built", torch.tensor(False))
         for name in frozen:
             if name not in FREEZABLE:
@@ -246,9 +250,9 @@ class VisualLatentText(MethodModule):
 
     def on_fit_start(self) -> None:
         if self.decoder is not None and not bool(self.token_tables_built):
-            allowed, content = decoder_token_tables(self.trainer.datamodule, self.hparams.vocab_size)
+            allowed, kinds = decoder_token_tables(self.trainer.datamodule, self.hparams.vocab_size)
             self.allowed_tokens.copy_(allowed)
-            self.content_tokens.copy_(content)
+            self.content_kinds.copy_(kinds)
             self.token_tables_built.fill_(True)
 
     def _latents_of(self, *id_batches: torch.Tensor) -> list[torch.Tensor]:
@@ -344,7 +348,7 @@ class VisualLatentText(MethodModule):
             outputs["ids"] = F.pad(sentence, (0, self.hparams.max_length - sentence.shape[1]), value=PAD_ID)
             outputs |= {f"decoding_{name}": values for name, values in decoding_rows(
                 self.decoder, self.readout, sentence, v_sentence, outputs["z"], self._allowed(),
-                self.content_tokens, batch["accepted"], batch["best_continuation"]).items()}
+                self.content_kinds, batch["accepted"], batch["best_continuation"]).items()}
         return outputs
 
     def evaluate(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
@@ -403,7 +407,7 @@ class VisualLatentText(MethodModule):
         if self.decoder is not None:
             z = self.readout(v)
             outputs["reconstruction"] = self.decoder.generate(v, z, BOS_ID, EOS_ID, self._allowed())
-            rows = decoding_rows(self.decoder, self.readout, ids, v, z, self._allowed(), self.content_tokens,
+            rows = decoding_rows(self.decoder, self.readout, ids, v, z, self._allowed(), self.content_kinds,
                                  batch["accepted"], batch["best_continuation"])
             content = rows["content_tokens"].clamp(min=1)
             outputs["content_exact_accuracy"] = rows["content_exact_hits"] / content
@@ -428,21 +432,53 @@ class VisualLatentText(MethodModule):
                                  f"sanity validation, which saw {seen}: set trainer.num_sanity_val_steps: -1")
         return not math.isnan(self.start_r1)
 
+    @property
+    def content_tokens(self) -> torch.Tensor:
+        """Bool ``[vocab]``: the decoder's content tokens (colors, shapes, counts, relation words)."""
+        return self.content_kinds != FUNCTION_TOKEN
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["start_r1"] = self.start_r1
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.start_r1 = checkpoint.get("start_r1", float("nan"))
+
+    def upgrade_state_dict(self, state: dict) -> None:
+        """The slot head's weights from before ``GaussianPainter``, and the decoder's content tokens from before
+        they had kinds: content of no known kind until the next fit rebuilds the tables from its corpus."""
+        for name, module in self.named_modules():
+            if isinstance(module, SlotSplatHead):
+                rename_pre_painter_weights(state, f"{name}.")
+        if "content_tokens" in state:
+            state["content_kinds"] = torch.where(state.pop("content_tokens"), NO_SINGLE_KIND, FUNCTION_TOKEN)
+            state["token_tables_built"] = torch.tensor(False)
 
 
 def decoder_token_tables(data, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(allowed, content)`` ``[vocab_size]`` from the datamodule's training corpus: the tokens its
-    sentences use (and EOS) and those that lie in content words (``text.blocks.sentences.content_words``)."""
+    """``(allowed, kinds)`` ``[vocab_size]`` from the datamodule's training corpus: the tokens its sentences
+    use (and EOS), and per token the index of its kind in ``CONTENT_KINDS`` (``content_kind_table``)."""
     views = data.host_tables("train")["views"]
     allowed = vocabulary_mask(torch.cat([views.flatten(), torch.tensor([EOS_ID])]), vocab_size)
     sentences = [sentence for item in data.train_examples for sentence in item["views"]]
-    content = content_token_table(data.tokenizer, sentences, content_words())
-    return allowed, F.pad(content, (0, vocab_size - len(content)))
+    kinds = content_kind_table(data.tokenizer, sentences)
+    return allowed, F.pad(kinds, (0, vocab_size - len(kinds)), value=FUNCTION_TOKEN)
+
+
+def content_kind_table(tokenizer, sentences: list[str]) -> torch.Tensor:
+    """Per token id, ``Long [vocab]``: the index in ``CONTENT_KINDS`` of the kind of content it states,
+    ``FUNCTION_TOKEN`` for a function token, ``NO_SINGLE_KIND`` for a content token whose word states more than
+    one ("block" is a shape and a verb of "in front of"): a word alone cannot tell which, so such tokens count
+    towards content accuracy but towards no kind's."""
+    by_kind = content_words_by_kind()
+    own_words = [words.difference(*(other for name, other in by_kind.items() if name != kind))
+                 for kind, words in by_kind.items()]
+    occurrences, inside = word_set_votes(tokenizer, sentences, [content_words(), *own_words])
+    majority = inside > (occurrences.unsqueeze(1) - inside)  # most occurrences lie in a word of the set
+    kinds = torch.where(majority[:, 0], NO_SINGLE_KIND, FUNCTION_TOKEN)
+    for index in range(len(own_words)):  # own words are disjoint, so a token wins at most one kind
+        kinds[majority[:, 0] & majority[:, 1 + index]] = index
+    return kinds
 
 
 def _checked_prior_weights(weights: dict[str, float] | None) -> dict[str, float]:

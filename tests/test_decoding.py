@@ -18,6 +18,8 @@ from modules.losses.decoding import (
     vocabulary_mask,
 )
 from modules.networks.text_decoder import LatentTextDecoder
+from modules.visual_latent import content_kind_table
+from text.blocks.sentences import CONTENT_KINDS, FUNCTION_TOKEN, NO_SINGLE_KIND
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -109,6 +111,14 @@ def test_content_tokens_are_the_color_shape_count_and_relation_words():
     assert words["red"] and words["cube"] and words["two"] and words["left"]
     assert not words["the"] and not words["of"] and not words[","]
     assert not table[[PAD_ID, BOS_ID, EOS_ID]].any()
+    kinds = content_kind_table(tokenizer, sentences)
+    kind_of = {word: int(kinds[tokenizer.token_to_id(f"Ġ{word}")])
+               for word in ("red", "cube", "two", "left", "blocks", "the")}
+    assert [kind_of[word] for word in ("red", "cube", "two", "left")] == [CONTENT_KINDS.index(kind) for kind in
+                                                                          ("color", "shape", "count", "relation")]
+    assert kind_of["blocks"] == NO_SINGLE_KIND  # a shape ("two red blocks") and a verb ("a cube blocks a ball")
+    assert kind_of["the"] == FUNCTION_TOKEN and kinds[tokenizer.token_to_id(",")] == FUNCTION_TOKEN
+    assert torch.equal(kinds != FUNCTION_TOKEN, table)
 
 
 def test_greedy_generation_follows_the_argmax_stops_at_eos_and_keeps_to_the_vocabulary():
@@ -159,14 +169,17 @@ def test_decoding_scores_by_hand():
     predicted = torch.tensor([[6, 4, 7, EOS_ID]])  # writes 6 for 3 (a synonym the meaning allows), 7 for 5
     accepted = torch.tensor([[[3, 6], [4, -1], [5, -1], [EOS_ID, -1]]])
     best = torch.tensor([[6, 4, 5, EOS_ID]])  # most realizations say 6 where this one says 3
-    content = torch.zeros(8, dtype=torch.bool)
-    content[[3, 5, 6, 7]] = True
+    kinds = torch.full((8,), FUNCTION_TOKEN)
+    kinds[[3, 6]] = CONTENT_KINDS.index("color")
+    kinds[[5, 7]] = CONTENT_KINDS.index("shape")
     v = torch.randn(1, 2, 3, 3)
     rows = decoding_rows(FixedDecoder(predicted, 8), lambda latent: torch.zeros(1, 4), ids, v, torch.zeros(1, 4),
-                         None, content, accepted, best)
+                         None, kinds, accepted, best)
     scores = summarize(rows)
     assert rows["content_tokens"].item() == 2 and rows["function_tokens"].item() == 2  # 4 and EOS
     assert scores["content_accuracy"].item() == pytest.approx(0.5)  # 6 is allowed for 3, 7 is not 5
+    assert scores["content_accuracy_color"].item() == 1.0 and scores["content_accuracy_shape"].item() == 0.0
+    assert math.isnan(scores["content_accuracy_count"].item())  # the sentence states no count
     assert scores["content_exact_accuracy"].item() == 0.0
     assert scores["content_exact_ceiling"].item() == pytest.approx(0.5)  # best is right at 5, wrong at 3
     assert scores["function_accuracy"].item() == 1.0

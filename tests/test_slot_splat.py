@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from modules.networks.grid_head import coordinate_grid
-from modules.networks.slot_splat import SlotAttention, SlotSplatHead, SummedHeads, gaussian_splat
+from modules.networks.slot_splat import (
+    SlotAttention,
+    SlotSplatHead,
+    SummedHeads,
+    TokenSplatHead,
+    gaussian_splat,
+    rename_pre_painter_weights,
+)
 
 
 def test_gaussian_splat_by_hand():
@@ -65,3 +72,42 @@ def test_summed_heads_add_their_latents_and_need_one_width():
     torch.testing.assert_close(SummedHeads(first, second)(tokens, mask), first(tokens, mask) + second(tokens, mask))
     with pytest.raises(ValueError, match="summed heads need one width"):
         SummedHeads(first, SlotSplatHead(dim=8, grid_size=8, channels=2))
+
+
+def test_token_blobs_paint_one_gaussian_per_real_token_and_none_for_padding():
+    torch.manual_seed(0)
+    head = TokenSplatHead(dim=8, grid_size=9, channels=2, min_scale=1.0, max_scale=2.0)
+    painter = head.painter
+    with torch.no_grad():  # geometry: centre (tanh 0 = 0), scales at the sigmoid's midpoint (1.5 px), no turn
+        painter.to_geometry.weight.zero_()
+        painter.to_geometry.bias.zero_()
+        painter.to_channels.weight.zero_()
+        painter.to_channels.bias.copy_(torch.tensor([1.0, -2.0]))
+    tokens, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, True], [True, False, False]])
+    v = head(tokens, mask)
+    assert v.shape == (2, 2, 9, 9)
+    # every real token paints weights (1, -2) at the centre: three tokens, then one
+    torch.testing.assert_close(v[:, :, 4, 4], torch.tensor([[3.0, -6.0], [1.0, -2.0]]))
+    pixel = 2.0 / 8
+    one_pixel_away = torch.exp(torch.tensor(-0.5 * (pixel / (1.5 * pixel)) ** 2))
+    torch.testing.assert_close(v[1, 0, 4, 5], one_pixel_away)
+    changed = tokens.clone()
+    changed[1, 1:] = torch.randn(2, 8) * 10  # only padding changes
+    torch.testing.assert_close(head(changed, mask)[1], v[1])
+    with pytest.raises(ValueError, match=r"tokens must have shape \[B, L, 8\]"):
+        head(torch.randn(2, 3, 4), mask)
+    with pytest.raises(ValueError, match="mask has a row with no real token"):
+        head(tokens, torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_a_slot_head_saved_before_the_painter_still_loads():
+    torch.manual_seed(0)
+    head = SlotSplatHead(dim=8, grid_size=6, channels=2, num_slots=2)
+    saved = {key.replace("painter.norm.", "slot_norm.").replace("painter.", ""): value
+             for key, value in head.state_dict().items()}
+    assert "slot_norm.weight" in saved and "to_geometry.bias" in saved
+    restored = SlotSplatHead(dim=8, grid_size=6, channels=2, num_slots=2)
+    rename_pre_painter_weights(saved, "")
+    restored.load_state_dict(saved)
+    tokens, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
+    torch.testing.assert_close(restored(tokens, mask), head(tokens, mask))

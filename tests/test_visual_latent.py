@@ -23,6 +23,7 @@ from modules.visual_latent import VisualLatentText
 from tests.conftest import StopAfterEpoch, quiet_trainer
 from tests.test_cli import cli
 from tests.test_index_tables import InterruptAtStep, Interrupted
+from text.blocks.sentences import CONTENT_KINDS, NO_SINGLE_KIND
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode
 
 TINY_MODEL = {"dim": 32, "depth": 1, "heads": 2, "ffn_dim": 64, "dropout": 0.0, "head_dim": 16, "head_depth": 1,
@@ -63,7 +64,8 @@ BAG_OF_BIGRAMS = {"latent_head": "grid_and_slots", "standardize_maps": True, "ba
                   "bag_of_words_ngrams": 2, "bag_of_words_buckets": 1024}
 
 
-@pytest.mark.parametrize("head", [{}, {"latent_head": "grid_and_slots", "standardize_maps": True}, BAG_OF_BIGRAMS])
+@pytest.mark.parametrize("head", [{}, {"latent_head": "grid_and_slots", "standardize_maps": True}, BAG_OF_BIGRAMS,
+                                  {"latent_head": "grid_and_token_blobs", "standardize_maps": True}])
 def test_p2_learns_to_retrieve_paraphrases(tmp_path, head):
     L.seed_everything(0)
     model, data = tiny(**head)
@@ -207,6 +209,7 @@ def test_p4_decoder_on_a_frozen_p2_encoder_beats_the_unigram_baseline(tmp_path):
     assert not p4.allowed_tokens[[PAD_ID, BOS_ID]].any() and p4.allowed_tokens[EOS_ID]
     assert metrics["val/cross_entropy"] < metrics["val/content_cross_entropy"]  # function tokens are easier
     assert {"val/shuffle_ce_increase", "val/content_attention_entropy", "val/content_attention_peak"} <= set(metrics)
+    assert all(0.0 <= metrics[f"val/content_accuracy_{kind}"] <= 1.0 for kind in CONTENT_KINDS)
     # predict: a file of sentences in, their latents and reconstructions out
     sentences = [item["sentence"] for item in data.eval_pack["test"][:5]]
     (tmp_path / "sentences.txt").write_text("\n".join(sentences[:3]) + "\n\n" + "\n".join(sentences[3:]) + "\n")
@@ -225,6 +228,31 @@ def test_p4_decoder_on_a_frozen_p2_encoder_beats_the_unigram_baseline(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="empty.txt holds no sentence"):
         BlocksTextDataModule(**(TINY_DATA | {"predict_file": str(tmp_path / "empty.txt")})).predict_sentences
+
+
+def test_checkpoints_of_an_earlier_layout_load_by_init_from_and_directly(tmp_path):
+    """Saved before the slot head's painter and before content tokens had kinds."""
+    model, _ = tiny(latent_head="grid_and_slots", standardize_maps=True, decoder_depth=1)
+    old = torch.zeros(model.hparams.vocab_size, dtype=torch.bool)
+    old[[5, 9]] = True
+    state = {}
+    for name, value in model.state_dict().items():
+        if name != "content_kinds":
+            state[name.replace("painter.norm.", "slot_norm.").replace("painter.", "")] = value.clone()
+    state |= {"content_tokens": old}
+    assert "encoder.head.heads.1.slot_norm.weight" in state
+    torch.save({"state_dict": state}, tmp_path / "old.ckpt")
+    started, _ = tiny(latent_head="grid_and_slots", standardize_maps=True, init_from=str(tmp_path / "old.ckpt"),
+                      init_prefixes=["encoder.", "readout."])
+    for name, value in started.state_dict().items():
+        if name.startswith(("encoder.", "readout.")):
+            assert torch.equal(value, model.state_dict()[name]), name
+    checkpoint = {"state_dict": dict(state)}
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(model.content_tokens, old)
+    assert set(model.content_kinds[old].tolist()) == {NO_SINGLE_KIND}  # content of no known kind...
+    assert not model.token_tables_built  # ...until the next fit builds the tables again
 
 
 def test_unknown_priors_and_a_bag_of_words_term_on_a_frozen_readout_are_rejected():

@@ -74,36 +74,85 @@ def gaussian_splat(means: torch.Tensor, scales: torch.Tensor, angles: torch.Tens
     return v.view(*v.shape[:2], *coordinates.shape[1:])
 
 
-class SlotSplatHead(nn.Module):
-    """Token states ``[B, L, dim]`` -> ``V [B, channels, grid, grid]``: ``SlotAttention``, then per slot a
-    linear map to the Gaussian's mean (``tanh``, inside the grid), two scales (``min_scale`` to
-    ``max_scale`` pixels, by a sigmoid), an angle and ``channels`` mixing weights; ``gaussian_splat``
-    paints them. Drop-in for ``GridCrossAttentionHead`` in ``TextToGrid``."""
+class GaussianPainter(nn.Module):
+    """Vectors ``[B, K, dim]`` -> ``V [B, channels, grid, grid]``: per vector a linear map to its Gaussian's mean
+    (``tanh``, inside the grid), two scales (``min_scale`` to ``max_scale`` pixels, by a sigmoid), an angle and
+    ``channels`` mixing weights, painted by ``gaussian_splat``; a vector whose ``present`` is False paints
+    nothing."""
 
-    def __init__(self, dim: int, grid_size: int, channels: int, num_slots: int = 6, iterations: int = 3,
-                 hidden_dim: int | None = None, min_scale: float = 1.0, max_scale: float = 8.0) -> None:
+    def __init__(self, dim: int, grid_size: int, channels: int, min_scale: float = 1.0,
+                 max_scale: float = 8.0) -> None:
         super().__init__()
         if not 0 < min_scale < max_scale:
             raise ValueError(f"need 0 < min_scale < max_scale (pixels), got {min_scale} and {max_scale}")
-        self.dim = dim
-        self.grid_size = grid_size
-        self.slots = SlotAttention(dim, num_slots, iterations, hidden_dim)
-        self.slot_norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim)
         self.to_geometry = nn.Linear(dim, 5)
         self.to_channels = nn.Linear(dim, channels)
         pixel = 2.0 / (grid_size - 1)  # coordinate_grid spans [-1, 1]
         self.min_scale, self.max_scale = min_scale * pixel, max_scale * pixel
         self.register_buffer("coordinates", coordinate_grid(grid_size), persistent=False)
 
+    def forward(self, vectors: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        vectors = self.norm(vectors)
+        geometry = self.to_geometry(vectors)
+        scales = self.min_scale + (self.max_scale - self.min_scale) * torch.sigmoid(geometry[..., 2:4])
+        weights = self.to_channels(vectors)
+        if present is not None:
+            weights = weights * present.unsqueeze(-1).to(weights.dtype)
+        return gaussian_splat(torch.tanh(geometry[..., :2]), scales, math.pi * torch.tanh(geometry[..., 4]),
+                              weights, self.coordinates.to(vectors.dtype))
+
+
+class SlotSplatHead(nn.Module):
+    """Token states ``[B, L, dim]`` -> ``V [B, channels, grid, grid]``: ``SlotAttention``, then each slot painted
+    as a Gaussian (``GaussianPainter``). Drop-in for ``GridCrossAttentionHead`` in ``TextToGrid``."""
+
+    def __init__(self, dim: int, grid_size: int, channels: int, num_slots: int = 6, iterations: int = 3,
+                 hidden_dim: int | None = None, min_scale: float = 1.0, max_scale: float = 8.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.grid_size = grid_size
+        self.slots = SlotAttention(dim, num_slots, iterations, hidden_dim)
+        self.painter = GaussianPainter(dim, grid_size, channels, min_scale, max_scale)
+
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 3 or tokens.shape[2] != self.dim:
             raise ValueError(f"tokens must have shape [B, L, {self.dim}], got {tuple(tokens.shape)}")
         check_token_batch(tokens, mask, "tokens")
-        slots = self.slot_norm(self.slots(tokens, mask))
-        geometry = self.to_geometry(slots)
-        scales = self.min_scale + (self.max_scale - self.min_scale) * torch.sigmoid(geometry[..., 2:4])
-        return gaussian_splat(torch.tanh(geometry[..., :2]), scales, math.pi * torch.tanh(geometry[..., 4]),
-                              self.to_channels(slots), self.coordinates.to(slots.dtype))
+        return self.painter(self.slots(tokens, mask))
+
+
+def rename_pre_painter_weights(state: dict, prefix: str) -> None:
+    """Renames, in place, the weights a ``SlotSplatHead`` at ``prefix`` of ``state`` saved before
+    ``GaussianPainter`` held them."""
+    for old, new in (("slot_norm", "norm"), ("to_geometry", "to_geometry"), ("to_channels", "to_channels")):
+        for param in ("weight", "bias"):
+            if f"{prefix}{old}.{param}" in state:
+                state[f"{prefix}painter.{new}.{param}"] = state.pop(f"{prefix}{old}.{param}")
+
+
+class TokenSplatHead(nn.Module):
+    """Token states ``[B, L, dim]`` -> ``V [B, channels, grid, grid]``: every real token painted as its own
+    Gaussian (``GaussianPainter``), padding painting nothing.
+
+    Not in the spec: its slot variant with one "slot" per token and no competition between slots. Each
+    contextual token state chooses where its blob lies and what it mixes into the channels, so every word of
+    the sentence reaches the grid at a place of its own, where a grid query or a slot must first learn to look
+    for it. Drop-in for ``GridCrossAttentionHead`` in ``TextToGrid``.
+    """
+
+    def __init__(self, dim: int, grid_size: int, channels: int, min_scale: float = 1.0,
+                 max_scale: float = 8.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.grid_size = grid_size
+        self.painter = GaussianPainter(dim, grid_size, channels, min_scale, max_scale)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 3 or tokens.shape[2] != self.dim:
+            raise ValueError(f"tokens must have shape [B, L, {self.dim}], got {tuple(tokens.shape)}")
+        check_token_batch(tokens, mask, "tokens")
+        return self.painter(tokens, mask)
 
 
 class SummedHeads(nn.Module):

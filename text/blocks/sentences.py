@@ -96,13 +96,27 @@ GLUE_WORDS = frozenset({"a", "an", "the", "of", "to", "in", "by", "is", "are", "
                         "present"})
 
 
-def content_words() -> frozenset[str]:
-    """Every word of the grammar that states a color, a shape, a count or a relation (plurals included)."""
+CONTENT_KINDS = ("color", "shape", "count", "relation")
+# Kind indices of tokens that are not one kind of CONTENT_KINDS: a function token, and a content token of no single
+# kind (its word states more than one, as "block" does, or its kind is unknown).
+FUNCTION_TOKEN = -1
+NO_SINGLE_KIND = len(CONTENT_KINDS)
+
+
+def content_words_by_kind() -> dict[str, frozenset[str]]:
+    """The grammar's words that state a color, a shape, a count or a relation (plurals included), by
+    ``CONTENT_KINDS``; glue words are left out, so a kind holds only the words that carry it."""
     shapes = {name + suffix for names in SHAPE_NAMES.values() for name in names for suffix in ("", "s")}
     numbers = {word for words in NUMBER_WORDS.values() for phrase in words for word in phrase.split()}
     relations = {word for voices in RELATION_VOICES.values() for voice in voices for phrase in voice.phrases
                  for form in (phrase, plural_verb(phrase)) for word in form.split()}
-    return frozenset((set(COLORS) | shapes | numbers | relations) - GLUE_WORDS)
+    kinds = {"color": set(COLORS), "shape": shapes, "count": numbers, "relation": relations}
+    return {kind: frozenset(kinds[kind] - GLUE_WORDS) for kind in CONTENT_KINDS}
+
+
+def content_words() -> frozenset[str]:
+    """Every word of the grammar that states a color, a shape, a count or a relation (plurals included)."""
+    return frozenset().union(*content_words_by_kind().values())
 
 
 def plural_verb(phrase: str) -> str:
