@@ -10,8 +10,9 @@ no InfoNCE: the objective asks for all the content, so what the loss reaches in 
 measures how much of the sentence the path lets through and how quickly it learns to. ``tokens`` skips the
 latent: ``z`` is a linear map of the mean of the Transformer's token states, the same encoder without the
 grid; the ``_pixels`` paths read ``V`` through a linear map of all its pixels in place of the readout. The
-score is the loss on the held-out validation sentences, beside the two ends of its range: a ``z`` that knows nothing (the training corpus's word frequencies, ``marginal``) and a ``z`` that knows every word
-(each sentence's own bag, ``floor``). Prints a markdown table and writes
+score is the loss on the held-out validation sentences, beside the two ends of its range: a ``z`` that knows
+nothing (the training corpus's word frequencies, ``marginal``) and a ``z`` that knows every word (each
+sentence's own bag, ``floor``). Prints a markdown table and writes
 ``{"results": [{"path", "overrides", "evaluations": [{"step", "loss"}], ...}], "marginal", "floor", ...}``.
 """
 
@@ -49,8 +50,7 @@ PATHS = {
     "grid_pixels": {"latent_head": "grid"},
     "token_blobs_pixels": {"latent_head": "token_blobs"},
 }
-# Paths whose z is a linear map of every pixel of V instead of the readout g(V): what V holds, not what g keeps.
-PIXEL_READ = ("grid_pixels", "token_blobs_pixels")
+# A "_pixels" path's z is a linear map of every pixel of V instead of the readout g(V): what V holds, not what g keeps.
 
 
 class TokenStatesPath(nn.Module):
@@ -97,7 +97,7 @@ def fresh_path(name: str, hparams: dict, seed: int) -> tuple[nn.Module, nn.Modul
     arguments = {k: v for k, v in hparams.items() if k not in ("init_from", "init_prefixes")}
     arguments |= PATHS[name] | {"bag_of_words_weight": 1.0, "bag_of_words_buckets": hparams["vocab_size"]}
     model = VisualLatentText(**arguments)
-    path = TokenStatesPath if name == "tokens" else PixelPath if name in PIXEL_READ else LatentPath
+    path = TokenStatesPath if name == "tokens" else PixelPath if name.endswith("_pixels") else LatentPath
     return path(model), model.bag_of_words
 
 

@@ -62,7 +62,7 @@ from modules.networks.text_decoder import LatentTextDecoder
 from modules.networks.text_encoder import TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
 from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
-from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, word_set_votes
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, word_set_majorities
 
 SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis": 0.05, "cov": 0.05,
                       "var": 0.05}
@@ -473,8 +473,7 @@ def content_kind_table(tokenizer, sentences: list[str]) -> torch.Tensor:
     by_kind = content_words_by_kind()
     own_words = [words.difference(*(other for name, other in by_kind.items() if name != kind))
                  for kind, words in by_kind.items()]
-    occurrences, inside = word_set_votes(tokenizer, sentences, [content_words(), *own_words])
-    majority = inside > (occurrences.unsqueeze(1) - inside)  # most occurrences lie in a word of the set
+    majority = word_set_majorities(tokenizer, sentences, [content_words(), *own_words])
     kinds = torch.where(majority[:, 0], NO_SINGLE_KIND, FUNCTION_TOKEN)
     for index in range(len(own_words)):  # own words are disjoint, so a token wins at most one kind
         kinds[majority[:, 0] & majority[:, 1 + index]] = index

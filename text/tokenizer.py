@@ -96,19 +96,18 @@ def content_token_table(tokenizer: Tokenizer, sentences: Sequence[str], content_
     """Per token id, whether it is a content token ``[vocab]`` (bool): most of its occurrences in
     ``sentences`` lie in a word of ``content_words`` (a byte-level piece is classed by the word it falls
     in; punctuation and specials are function tokens)."""
-    occurrences, inside = word_set_votes(tokenizer, sentences, [content_words])
-    return inside[:, 0] > occurrences - inside[:, 0]
+    return word_set_majorities(tokenizer, sentences, [content_words])[:, 0]
 
 
-def word_set_votes(tokenizer: Tokenizer, sentences: Sequence[str],
-                   word_sets: Sequence[frozenset[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(occurrences [vocab], inside [vocab, len(word_sets)])``: per token id, how often it occurs in
-    ``sentences`` and how often it falls in a word of each set (a byte-level piece lies in the word it
-    overlaps; punctuation lies in none), in one pass over the tokenized sentences."""
+def word_set_majorities(tokenizer: Tokenizer, sentences: Sequence[str],
+                        word_sets: Sequence[frozenset[str]]) -> torch.Tensor:
+    """``Bool [vocab, len(word_sets)]``: per token id and set, whether most of the token's occurrences in
+    ``sentences`` lie in a word of the set (a byte-level piece lies in the word it overlaps; punctuation and
+    specials in none), in one pass over the tokenized sentences."""
     tokens, memberships = [], []
     nowhere = (False,) * len(word_sets)
     for sentence, encoding in zip(sentences, tokenizer.encode_batch(list(sentences), add_special_tokens=False)):
-        words = [(match.start(), match.end(), tuple(match.group() in words for words in word_sets))
+        words = [(match.start(), match.end(), tuple(match.group() in word_set for word_set in word_sets))
                  for match in re.finditer(r"[a-z0-9]+", sentence.lower())]
         for token, (start, end) in zip(encoding.ids, encoding.offsets):
             tokens.append(token)
@@ -117,4 +116,5 @@ def word_set_votes(tokenizer: Tokenizer, sentences: Sequence[str],
     tokens = torch.tensor(tokens, dtype=torch.long)
     memberships = torch.tensor(memberships, dtype=torch.float).view(len(tokens), len(word_sets))
     inside = torch.zeros(vocab, len(word_sets)).index_add_(0, tokens, memberships)
-    return torch.bincount(tokens, minlength=vocab).float(), inside
+    occurrences = torch.bincount(tokens, minlength=vocab).float().unsqueeze(1)
+    return inside > occurrences - inside
