@@ -13,7 +13,9 @@ seeds (the decoder's weights, the corpus and its draws; the encoder is the same)
 main job with the spec's literal latent (the grid head alone, its maps read raw), ``p4_spec_latent`` P4 on it.
 ``p2_token_blobs`` is the main job with a Gaussian blob per token over the grid head's texture
 (``latent_head: grid_and_token_blobs``), ``p2_token_blobs_shapes`` the same with shape-flip negatives too, and
-``p4_token_blobs``, ``p4_token_blobs_shapes`` P4 on each (with the default data). Prints a markdown table of every
+``p4_token_blobs``, ``p4_token_blobs_shapes`` P4 on each (with the default data). ``p2_shapes`` is the main job with
+shape-flip negatives, ``p2_decoder`` the main job with P4's decoder and its loss (``L_dec``) trained beside InfoNCE,
+and ``p4_shapes``, ``p4_after_p2_decoder`` P4 on each (a fresh decoder, the default data). Prints a markdown table of every
 gate criterion's value and writes
 ``{"runs": [{"run", "phase", "passed", "wall_seconds", "criteria": [...]}], ...}``.
 """
@@ -53,6 +55,11 @@ SPEC_LATENT = ["--model.init_args.latent_head", "grid", "--model.init_args.stand
 TOKEN_BLOBS = ["--model.init_args.latent_head", "grid_and_token_blobs"]
 SHAPE_NEGATIVES = ["--data.init_args.counterfactual_kinds", "[color, relation, count, swap_arguments, shape]",
                    "--data.init_args.counterfactuals_per_scene", "30"]
+# P2 with the spec's L_dec of P4 and P5 beside InfoNCE (gamma 0.7): a decoder of P4's CPU size writes each sentence
+# back from its latent, which asks the latent for the words InfoNCE may leave out.
+P2_DECODER = ["--model.init_args.decoder_depth", "2", "--model.init_args.decoder_dim", "128",
+              "--model.init_args.decoder_heads", "4", "--model.init_args.decoder_ffn_dim", "512",
+              "--model.init_args.decoder_weight", "0.7"]
 # Per run: its configs, its options, and the runs whose last checkpoint it may start from (the first present).
 RUNS = {
     "p1": (P1, [], ()),
@@ -70,6 +77,10 @@ RUNS = {
     "p4_token_blobs": (P4, TOKEN_BLOBS, ("p2_token_blobs",)),
     "p2_token_blobs_shapes": (P2, TOKEN_BLOBS + SHAPE_NEGATIVES, ()),
     "p4_token_blobs_shapes": (P4, TOKEN_BLOBS, ("p2_token_blobs_shapes",)),
+    "p2_shapes": (P2, SHAPE_NEGATIVES, ()),
+    "p4_shapes": (P4, [], ("p2_shapes",)),
+    "p2_decoder": (P2, P2_DECODER, ()),
+    "p4_after_p2_decoder": (P4, [], ("p2_decoder",)),
 }
 
 

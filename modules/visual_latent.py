@@ -59,7 +59,7 @@ from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
 from modules.networks.slot_splat import SlotSplatHead, SummedHeads, TokenSplatHead, rename_pre_painter_weights
 from modules.networks.text_decoder import LatentTextDecoder
-from modules.networks.text_encoder import TextTransformer
+from modules.networks.text_encoder import TOKEN_EMBEDDING_STD, TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
 from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, word_set_majorities
@@ -78,6 +78,8 @@ class VisualLatentText(MethodModule):
     Args:
         vocab_size, max_length: linked from the datamodule.
         dim, depth, heads, ffn_dim, dropout, positions: the Transformer (spec: 384, 6, 8, 1536, 0.1).
+        token_embedding_std: the standard deviation its token embeddings start from (1; 0.02, the earlier
+            default, leaves the token states alike at the start: ``modules.networks.text_encoder``).
         grid_size, channels, query_channels, head_depth, head_ffn_dim, smoothing, coordinate_channels:
             the grid cross-attention head (spec: 32, 6, 64, 2, 768; smoothing head optional).
         latent_head: ``grid`` (the spec's grid cross-attention head), ``slots`` (its slot-attention variant,
@@ -129,6 +131,7 @@ class VisualLatentText(MethodModule):
         ffn_dim: int = 1536,
         dropout: float = 0.1,
         positions: Literal["rope", "learned"] = "rope",
+        token_embedding_std: float = TOKEN_EMBEDDING_STD,
         grid_size: int = 32,
         channels: int = 6,
         latent_head: Literal["grid", "slots", "grid_and_slots", "token_blobs", "grid_and_token_blobs"] = "grid",
@@ -197,7 +200,8 @@ class VisualLatentText(MethodModule):
         if latent_head not in LATENT_HEADS:
             raise ValueError(f"latent_head must be one of {LATENT_HEADS}, got {latent_head!r}")
         # built before the heads, so that a seed initializes the networks as it did before the slot variant
-        tokens = TextTransformer(vocab_size, max_length, dim, depth, heads, ffn_dim, dropout, positions, PAD_ID)
+        tokens = TextTransformer(vocab_size, max_length, dim, depth, heads, ffn_dim, dropout, positions, PAD_ID,
+                                 token_embedding_std)
         heads_of_v = []
         if "grid" in latent_head:
             heads_of_v.append(GridCrossAttentionHead(
