@@ -168,8 +168,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, data = load(args.checkpoint)
     hparams = dict(model.hparams)
-    if "token_embedding_std" not in torch.load(args.checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]:
-        hparams["token_embedding_std"] = 0.02  # its paths started so before the option, whose default is now 1
+    saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
+    # a checkpoint from before the option started its token embeddings at 0.02, the default then
+    hparams["token_embedding_std"] = saved.get("token_embedding_std", 0.02)
     views = data.host_tables("train")["views"].flatten(0, 1)
     held_out = trim_padding(data.host_tables("val")["sentence"])
     marginal, floor = range_ends(views, held_out, hparams["vocab_size"])

@@ -75,11 +75,11 @@ def test_encoder_uses_token_order(positions):
     assert not torch.allclose(reversed_back, encoder(ids, mask), atol=1e-3)
 
 
-def mean_cosine_between_token_states(positions: str, seed: int, **std) -> float:
+def mean_cosine_between_token_states(positions: str, seed: int, **options) -> float:
     """Mean cosine between the initial states of random tokens, for the CPU profile's encoder (2 x 128)."""
     torch.manual_seed(seed)
     encoder = TextTransformer(200, 16, 128, depth=2, heads=4, ffn_dim=512, dropout=0.0, positions=positions,
-                              **std).eval()
+                              **options).eval()
     ids = torch.randint(1, 200, (16, 12))
     with torch.no_grad():
         states = encoder(ids, torch.ones_like(ids, dtype=torch.bool)).flatten(0, 1)
@@ -99,7 +99,8 @@ def test_token_states_start_apart_by_default(positions, seed):
 
 def test_token_embedding_std_reaches_the_table():
     for std in (0.02, 1.0):
-        encoder = TextTransformer(VOCAB, max_length=16, dim=DIM, depth=1, heads=4, ffn_dim=64, token_embedding_std=std)
+        encoder = TextTransformer(VOCAB, max_length=16, dim=DIM, depth=1, heads=4, ffn_dim=64,
+                                  token_embedding_std=std)
         assert torch.all(encoder.token_embedding.weight[0] == 0)  # the pad row stays zero
         assert 0.8 * std < float(encoder.token_embedding.weight[1:].std()) < 1.2 * std
 
