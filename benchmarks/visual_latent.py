@@ -89,7 +89,8 @@ RECONSTRUCTED = 10  # held-out sentences whose reconstructions a decoder run rep
 # whether it tells who is related to whom (the cosine gap against swapped relation arguments).
 REPORTED = ("r1", "cos_gap", "cos_gap_swap_arguments", "text_dependence", "spatial_text_dependence",
             "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px", "content_accuracy",
-            "content_exact_accuracy", "content_exact_ceiling", "function_accuracy", "shuffle_ce_increase",
+            "content_exact_accuracy", "content_exact_ceiling", "content_accuracy_shuffled",
+            "content_accuracy_wrong_latent", "function_accuracy", "shuffle_ce_increase",
             "content_attention_entropy", *(f"content_accuracy_{kind}" for kind in CONTENT_KINDS))
 
 

@@ -1,6 +1,7 @@
 """Spec 004 P4's decoding of a latent back to its sentence, per evaluation batch: teacher-forced
-cross-entropy and argmax accuracy for content and function tokens, the same cross-entropy on the
-spatially shuffled latent (its readout recomputed: the decoder reads ``D(V(x))``), and how concentrated
+cross-entropy and argmax accuracy for content and function tokens, the same cross-entropy and content
+accuracy on the spatially shuffled latent (its readout recomputed: the decoder reads ``D(V(x))``), the
+content accuracy on another sentence's latent, and how concentrated
 each content token's attention over the grid is. Per-row sums, so that the split's totals add up over
 batches of different widths and over ranks (``summarize``).
 """
@@ -66,6 +67,11 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     shuffled = shuffle_pixels(v, torch.Generator(device=v.device).manual_seed(SHUFFLE_SEED))
     shuffled_logits, _ = decoder_logits(decoder, framed, shuffled, readout(shuffled), allowed)
     shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
+    shuffled_hits = (shuffled_logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
+    # each sentence read from the next one's latent: what the teacher-forced prefix gives without its own latent
+    wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed)
+    wrong_hits = (wrong_logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
+    wrong_content = content & (len(v) > 1)  # a batch of one has no other latent
     # the last block's attention of each target's position over the grid: heads averaged, the z token dropped
     attention = attention_concentration(decoder.cross_attention(framed[:, :-1], v, z).mean(dim=1)[..., 1:])
     by_kind = {}
@@ -77,6 +83,9 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
         "tokens": real.sum(dim=1).float(), "content_tokens": content.sum(dim=1).float(),
         "function_tokens": function.sum(dim=1).float(),
         "content_hits": _row_sums(hits, content), "function_hits": _row_sums(hits, function),
+        "content_shuffled_hits": _row_sums(shuffled_hits, content),
+        "wrong_latent_content_tokens": wrong_content.sum(dim=1).float(),
+        "content_wrong_latent_hits": _row_sums(wrong_hits, wrong_content),
         "content_exact_hits": _row_sums(exact_hits, content), "content_ceiling_hits": _row_sums(ceiling_hits, content),
         "cross_entropy": _row_sums(cross_entropy, real), "content_cross_entropy": _row_sums(cross_entropy, content),
         "function_cross_entropy": _row_sums(cross_entropy, function),
@@ -90,8 +99,10 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The split's decoding metrics from the per-row sums of ``decoding_rows`` (all rows, all ranks):
     ``content_accuracy`` and ``function_accuracy`` (hits the meaning allows), ``content_exact_accuracy`` (the
     sentence's own tokens, the spec's literal measure) and its ``content_exact_ceiling`` for a decoder that
-    knows the meaning and not the wording, ``cross_entropy`` (per token) and its content and function
-    parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the uniform's) and
+    knows the meaning and not the wording, ``content_accuracy_shuffled`` (read from the shuffled latent) and
+    ``content_accuracy_wrong_latent`` (each sentence read from another one's latent: what its teacher-forced
+    prefix alone gives, the floor the latent's share of ``content_accuracy`` lies above), ``cross_entropy``
+    (per token) and its content and function parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the uniform's) and
     ``content_attention_peak`` (the peak weight over the uniform's); ``content_accuracy_{kind}`` per kind of
     ``CONTENT_KINDS`` (colors, shapes, counts, relation words; NaN where the split has none)."""
     total = {name: values.sum() for name, values in rows.items()}
@@ -100,6 +111,8 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {
         "content_accuracy": total["content_hits"] / content, "function_accuracy": total["function_hits"] / function,
         "content_exact_accuracy": total["content_exact_hits"] / content,
+        "content_accuracy_shuffled": total["content_shuffled_hits"] / content,
+        "content_accuracy_wrong_latent": total["content_wrong_latent_hits"] / total["wrong_latent_content_tokens"],
         "content_exact_ceiling": total["content_ceiling_hits"] / content,
         "cross_entropy": cross_entropy, "content_cross_entropy": total["content_cross_entropy"] / content,
         "function_cross_entropy": total["function_cross_entropy"] / function,

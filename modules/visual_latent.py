@@ -59,7 +59,7 @@ from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
 from modules.networks.slot_splat import SlotSplatHead, SummedHeads, TokenSplatHead, rename_pre_painter_weights
 from modules.networks.text_decoder import LatentTextDecoder
-from modules.networks.text_encoder import TOKEN_EMBEDDING_STD, TextTransformer
+from modules.networks.text_encoder import EMBEDDING_INIT_STD, TOKEN_EMBEDDING_STD, TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
 from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, word_set_majorities
@@ -104,9 +104,12 @@ class VisualLatentText(MethodModule):
             ``modules.losses.contrastive.invariance_loss``); jitter_prob, max_shift, jitter_blur_sigma,
             cutout_size: the jitter ``T`` (spec 0.5, 2 px; mild blur, small cutout).
         decoder_depth: blocks of P4's decoder (0: none, P1 to P3); decoder_dim, decoder_heads,
-            decoder_ffn_dim, decoder_dropout, pixel_mlp: its width and memory (see
-            ``modules.networks.text_decoder``); decoder_weight: gamma of ``L_dec``; vocab_mask: restrict
-            its outputs to the tokens of the training corpus.
+            decoder_ffn_dim, decoder_dropout, pixel_mlp: its width and memory, decoder_token_embedding_std and
+            memory_position_std the scales its token embeddings and its pixels' row and column embeddings
+            start from (0.02 and 0.02; unit scale localizes its attention sooner and reads less content in
+            the CPU profile's steps: ``modules.networks.text_decoder``);
+            decoder_weight: gamma of ``L_dec``; vocab_mask: restrict its outputs to the tokens of the training
+            corpus.
         frozen: networks that do not train (P4: ``[encoder, readout]``); they also stay in eval mode.
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
@@ -176,6 +179,8 @@ class VisualLatentText(MethodModule):
         decoder_heads: int = 8,
         decoder_ffn_dim: int = 1536,
         decoder_dropout: float = 0.1,
+        decoder_token_embedding_std: float = EMBEDDING_INIT_STD,
+        memory_position_std: float = EMBEDDING_INIT_STD,
         pixel_mlp: bool = False,
         decoder_weight: float = 1.0,
         vocab_mask: bool = True,
@@ -223,7 +228,8 @@ class VisualLatentText(MethodModule):
         if decoder_depth:
             self.decoder = LatentTextDecoder(vocab_size, max_length + 2, channels, grid_size, embedding_dim,
                                              decoder_dim, decoder_depth, decoder_heads, decoder_ffn_dim,
-                                             decoder_dropout, pixel_mlp, PAD_ID, standardize_maps)
+                                             decoder_dropout, pixel_mlp, PAD_ID, standardize_maps,
+                                             decoder_token_embedding_std, memory_position_std)
             # What the decoder may write and which of its tokens are content, from the training corpus.
             self.register_buffer("allowed_tokens", torch.ones(vocab_size, dtype=torch.bool))
             self.register_buffer("content_kinds", torch.full((vocab_size,), FUNCTION_TOKEN))

@@ -99,6 +99,51 @@ def test_a_decoder_on_standardized_maps_reads_the_layout_only():
     assert not torch.allclose(decoder(ids, v.flip(-1), z), decoder(ids, v, z), atol=1e-3)
 
 
+def decoder_at_start(seed: int, **scales) -> LatentTextDecoder:
+    torch.manual_seed(seed)
+    return LatentTextDecoder(vocab_size=64, max_length=16, channels=6, grid_size=16, embedding_dim=8, dim=64,
+                             depth=2, heads=4, ffn_dim=128, dropout=0.0, standardize_maps=True, **scales).eval()
+
+
+def start_similarities(decoder: LatentTextDecoder) -> tuple[float, float]:
+    """The mean cosine between the last block's states of a sentence's different tokens, and the share of the
+    pixels' key variance (over pixels and latents, after the memory's LayerNorm) that their places explain."""
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 64, (8, 10), generator=generator)
+    ids[:, 0] = BOS_ID
+    v, z = torch.randn(8, 6, 16, 16, generator=generator), torch.randn(8, 8, generator=generator)
+    with torch.no_grad():
+        states, mask, memory = decoder._states(ids, v, z)
+        for block in decoder.blocks:
+            states = block(states, mask, memory)
+        unit = torch.nn.functional.normalize(states, dim=-1)
+        cosines = unit @ unit.transpose(1, 2)
+        keys = decoder.blocks[-1].cross.token_norm(memory[:, 1:])
+        centred = keys - keys.mean(dim=(0, 1))
+        place_share = centred.mean(dim=0).square().sum() * len(keys) / centred.square().sum()
+    return float((cosines.sum(dim=(1, 2)) - 10).mean() / 90), float(place_share)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decoder_states_start_alike_at_the_default_and_apart_at_unit_scale(seed):
+    # At BERT's 0.02 the blocks' branches swamp the embeddings: the states start alike (mean cosine 0.83 and 0.89
+    # here) and a pixel's key is mostly its values (its place explains 0.13 of the key variance); at unit scale
+    # the states start apart (0.08) and the place explains 0.83 to 0.84.
+    alike, blind = start_similarities(decoder_at_start(seed))
+    apart, placed = start_similarities(decoder_at_start(seed, token_embedding_std=1.0, memory_position_std=1.0))
+    assert alike > 0.5 and apart < 0.2
+    assert blind < 0.3 and placed > 0.6
+
+
+def test_decoder_start_scales_reach_the_tables():
+    for std in (0.02, 1.0):
+        decoder = decoder_at_start(0, token_embedding_std=std, memory_position_std=std)
+        assert torch.all(decoder.token_embedding.weight[PAD_ID] == 0)
+        assert 0.8 * std < float(decoder.token_embedding.weight[PAD_ID + 1:].detach().std()) < 1.2 * std
+        for table in (decoder.memory.rows, decoder.memory.columns):
+            assert 0.7 * std < float(table.detach().std()) < 1.2 * std  # truncated at two standard deviations
+
+
 def test_content_tokens_are_the_color_shape_count_and_relation_words():
     from text.blocks import training_examples
     from text.blocks.sentences import content_words
@@ -184,4 +229,10 @@ def test_decoding_scores_by_hand():
     assert scores["content_exact_ceiling"].item() == pytest.approx(0.5)  # best is right at 5, wrong at 3
     assert scores["function_accuracy"].item() == 1.0
     assert scores["shuffle_ce_increase"].item() == pytest.approx(0.0)  # it never reads the latent
+    assert scores["content_accuracy_shuffled"].item() == pytest.approx(0.5)
+    assert math.isnan(scores["content_accuracy_wrong_latent"].item())  # a batch of one has no other latent
+    pair = decoding_rows(FixedDecoder(predicted.expand(2, -1), 8), lambda latent: torch.zeros(2, 4),
+                         ids.expand(2, -1), torch.randn(2, 2, 3, 3), torch.zeros(2, 4), None, kinds,
+                         accepted.expand(2, -1, -1), best.expand(2, -1))
+    assert summarize(pair)["content_accuracy_wrong_latent"].item() == pytest.approx(0.5)  # as from its own
     assert scores["content_attention_entropy"].item() == pytest.approx(1.0)  # spread evenly

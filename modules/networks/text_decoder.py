@@ -1,6 +1,14 @@
 """Spec 004 P4's decoder ``D_psi`` ("Bring in the Text Decoder"): a causal Transformer language model over
 token ids that cross-attends to the flattened latent grid ``V`` (each pixel a memory token with a learned
 2-D position) and to the pooled readout ``z`` (one more memory token).
+
+Its token embeddings and the memory's row and column embeddings start at BERT's 0.02 by default. There the
+pre-LN blocks' branches (default ``Linear`` init, inputs at LayerNorm's scale) swamp them, so every decoder
+state starts alike and a pixel's key carries little of where the pixel lies (the effect
+``modules.networks.text_encoder.TOKEN_EMBEDDING_STD`` removes from the encoder). Started at unit scale
+(``token_embedding_std``, ``memory_position_std``), the content tokens' attention localizes sooner, but the
+CPU profile's P4 read less of the sentence in the same steps (README, "The decoder's start"), so 0.02 stays
+the default.
 """
 
 from __future__ import annotations
@@ -17,12 +25,12 @@ from modules.networks.text_encoder import EMBEDDING_INIT_STD, MultiHeadAttention
 class LatentMemory(nn.Module):
     """``V [B, C, H, W]`` and ``z [B, E]`` -> memory ``[B, 1 + H W, dim]``: ``z`` projected as the first token,
     then every pixel's ``C`` values projected (``Linear``, or with ``pixel_mlp`` the spec's "small MLP on V")
-    plus a row and a column embedding. The pixel order is row-major, so memory token ``1 + i W + j`` is
-    pixel ``(i, j)``. With ``standardize_maps`` the pixels are read from each map standardized
+    plus a row and a column embedding (from ``N(0, position_std^2)``). The pixel order is row-major, so memory
+    token ``1 + i W + j`` is pixel ``(i, j)``. With ``standardize_maps`` the pixels are read from each map standardized
     (``modules.networks.readout.standardized_maps``), as a readout that sees only the layout reads them."""
 
     def __init__(self, channels: int, grid_size: int, embedding_dim: int, dim: int, pixel_mlp: bool = False,
-                 standardize_maps: bool = False) -> None:
+                 standardize_maps: bool = False, position_std: float = EMBEDDING_INIT_STD) -> None:
         super().__init__()
         self.grid_size = grid_size
         self.standardize_maps = standardize_maps
@@ -31,7 +39,7 @@ class LatentMemory(nn.Module):
         self.rows = nn.Parameter(torch.empty(grid_size, 1, dim))
         self.columns = nn.Parameter(torch.empty(1, grid_size, dim))
         for table in (self.rows, self.columns):
-            nn.init.trunc_normal_(table, std=EMBEDDING_INIT_STD)
+            nn.init.trunc_normal_(table, std=position_std)
         self.summary = nn.Linear(embedding_dim, dim)
 
     def forward(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -73,17 +81,23 @@ def memory_mask(memory: torch.Tensor) -> torch.Tensor:
 
 class LatentTextDecoder(nn.Module):
     """``D_psi(ids, V, z)``: logits ``[B, L, vocab]`` of each next token given the ids so far (teacher
-    forcing: ``ids`` starts with BOS) and the memory of ``LatentMemory``; learned absolute positions."""
+    forcing: ``ids`` starts with BOS) and the memory of ``LatentMemory``; learned absolute positions (from
+    ``N(0, 0.02^2)``, as the encoder's), token embeddings from ``N(0, token_embedding_std^2)``."""
 
     def __init__(self, vocab_size: int, max_length: int, channels: int, grid_size: int, embedding_dim: int,
                  dim: int = 384, depth: int = 4, heads: int = 8, ffn_dim: int = 1536, dropout: float = 0.1,
-                 pixel_mlp: bool = False, pad_id: int = 0, standardize_maps: bool = False) -> None:
+                 pixel_mlp: bool = False, pad_id: int = 0, standardize_maps: bool = False,
+                 token_embedding_std: float = EMBEDDING_INIT_STD,
+                 memory_position_std: float = EMBEDDING_INIT_STD) -> None:
         super().__init__()
         self.max_length = max_length
         self.pad_id = pad_id
-        self.memory = LatentMemory(channels, grid_size, embedding_dim, dim, pixel_mlp, standardize_maps)
+        self.memory = LatentMemory(channels, grid_size, embedding_dim, dim, pixel_mlp, standardize_maps,
+                                   memory_position_std)
         self.token_embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
-        nn.init.normal_(self.token_embedding.weight, std=EMBEDDING_INIT_STD)
+        nn.init.normal_(self.token_embedding.weight, std=token_embedding_std)
+        with torch.no_grad():
+            self.token_embedding.weight[pad_id].zero_()
         self.position_embedding = nn.Parameter(torch.empty(max_length, dim))
         nn.init.trunc_normal_(self.position_embedding, std=EMBEDDING_INIT_STD)
         self.embedding_dropout = nn.Dropout(dropout)
