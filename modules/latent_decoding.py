@@ -68,7 +68,7 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     shuffled_logits, _ = decoder_logits(decoder, framed, shuffled, readout(shuffled), allowed)
     shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
     shuffled_hits = (shuffled_logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
-    # each sentence read from the next one's latent: what the teacher-forced prefix gives without its own latent
+    # each sentence read from the latent of the one before it: what the prefix gives without its own latent
     wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed)
     wrong_hits = (wrong_logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
     wrong_content = content & (len(v) > 1)  # a batch of one has no other latent
@@ -100,10 +100,12 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ``content_accuracy`` and ``function_accuracy`` (hits the meaning allows), ``content_exact_accuracy`` (the
     sentence's own tokens, the spec's literal measure) and its ``content_exact_ceiling`` for a decoder that
     knows the meaning and not the wording, ``content_accuracy_shuffled`` (read from the shuffled latent) and
-    ``content_accuracy_wrong_latent`` (each sentence read from another one's latent: what its teacher-forced
-    prefix alone gives, the floor the latent's share of ``content_accuracy`` lies above), ``cross_entropy``
-    (per token) and its content and function parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the uniform's) and
-    ``content_attention_peak`` (the peak weight over the uniform's); ``content_accuracy_{kind}`` per kind of
+    ``content_accuracy_wrong_latent`` (each sentence read from the latent of the one before it in its batch, on
+    its rank: what the teacher-forced prefix gives without the sentence's own latent; a foreign latent also
+    pulls towards the other scene's words, so this floor may lie below the prefix's own, and the latent's share
+    of ``content_accuracy`` above it is an upper estimate), ``cross_entropy`` (per token) and its content and
+    function parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the
+    uniform's) and ``content_attention_peak`` (the peak weight over the uniform's); ``content_accuracy_{kind}`` per kind of
     ``CONTENT_KINDS`` (colors, shapes, counts, relation words; NaN where the split has none)."""
     total = {name: values.sum() for name, values in rows.items()}
     tokens, content, function = total["tokens"], total["content_tokens"], total["function_tokens"]
@@ -112,7 +114,8 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "content_accuracy": total["content_hits"] / content, "function_accuracy": total["function_hits"] / function,
         "content_exact_accuracy": total["content_exact_hits"] / content,
         "content_accuracy_shuffled": total["content_shuffled_hits"] / content,
-        "content_accuracy_wrong_latent": total["content_wrong_latent_hits"] / total["wrong_latent_content_tokens"],
+        "content_accuracy_wrong_latent": (total["content_wrong_latent_hits"]
+                                          / total["wrong_latent_content_tokens"]),
         "content_exact_ceiling": total["content_ceiling_hits"] / content,
         "cross_entropy": cross_entropy, "content_cross_entropy": total["content_cross_entropy"] / content,
         "function_cross_entropy": total["function_cross_entropy"] / function,

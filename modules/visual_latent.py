@@ -105,7 +105,7 @@ class VisualLatentText(MethodModule):
             cutout_size: the jitter ``T`` (spec 0.5, 2 px; mild blur, small cutout).
         decoder_depth: blocks of P4's decoder (0: none, P1 to P3); decoder_dim, decoder_heads,
             decoder_ffn_dim, decoder_dropout, pixel_mlp: its width and memory, decoder_token_embedding_std and
-            memory_position_std the scales its token embeddings and its pixels' row and column embeddings
+            decoder_memory_position_std the scales its token embeddings and its pixels' row and column embeddings
             start from (0.02 and 0.02; unit scale localizes its attention sooner and reads less content in
             the CPU profile's steps: ``modules.networks.text_decoder``);
             decoder_weight: gamma of ``L_dec``; vocab_mask: restrict its outputs to the tokens of the training
@@ -180,7 +180,7 @@ class VisualLatentText(MethodModule):
         decoder_ffn_dim: int = 1536,
         decoder_dropout: float = 0.1,
         decoder_token_embedding_std: float = EMBEDDING_INIT_STD,
-        memory_position_std: float = EMBEDDING_INIT_STD,
+        decoder_memory_position_std: float = EMBEDDING_INIT_STD,
         pixel_mlp: bool = False,
         decoder_weight: float = 1.0,
         vocab_mask: bool = True,
@@ -229,7 +229,7 @@ class VisualLatentText(MethodModule):
             self.decoder = LatentTextDecoder(vocab_size, max_length + 2, channels, grid_size, embedding_dim,
                                              decoder_dim, decoder_depth, decoder_heads, decoder_ffn_dim,
                                              decoder_dropout, pixel_mlp, PAD_ID, standardize_maps,
-                                             decoder_token_embedding_std, memory_position_std)
+                                             decoder_token_embedding_std, decoder_memory_position_std)
             # What the decoder may write and which of its tokens are content, from the training corpus.
             self.register_buffer("allowed_tokens", torch.ones(vocab_size, dtype=torch.bool))
             self.register_buffer("content_kinds", torch.full((vocab_size,), FUNCTION_TOKEN))
