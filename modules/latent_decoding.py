@@ -1,8 +1,8 @@
 """Spec 004 P4's decoding of a latent back to its sentence, per evaluation batch: teacher-forced
 cross-entropy and argmax accuracy for content and function tokens, the same cross-entropy and content
 accuracy on the spatially shuffled latent (its readout recomputed: the decoder reads ``D(V(x))``), the
-content accuracy on another sentence's latent, and how concentrated
-each content token's attention over the grid is. Per-row sums, so that the split's totals add up over
+content accuracy on another sentence's latent, and how concentrated each content token's attention over
+the grid is. Per-row sums, so that the split's totals add up over
 batches of different widths and over ranks (``summarize``).
 """
 
@@ -39,6 +39,11 @@ def _row_sums(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return torch.where(where, values, 0.0).sum(dim=1)
 
 
+def _meaning_hits(logits: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """1 where the argmax of ``logits [B, L, vocab]`` is among the tokens ``accepted [B, L, K]`` there, else 0."""
+    return (logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
+
+
 @torch.no_grad()
 def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
                   allowed: torch.Tensor | None, content_kinds: torch.Tensor, accepted: torch.Tensor,
@@ -62,15 +67,15 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     cross_entropy = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
     predicted = logits.argmax(dim=-1)
     exact_hits = (predicted == targets).float()
-    hits = (predicted.unsqueeze(-1) == accepted).any(dim=-1).float()
+    hits = _meaning_hits(logits, accepted)
     ceiling_hits = (best_continuation == targets).float()
     shuffled = shuffle_pixels(v, torch.Generator(device=v.device).manual_seed(SHUFFLE_SEED))
     shuffled_logits, _ = decoder_logits(decoder, framed, shuffled, readout(shuffled), allowed)
     shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
-    shuffled_hits = (shuffled_logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
+    shuffled_hits = _meaning_hits(shuffled_logits, accepted)
     # each sentence read from the latent of the one before it: what the prefix gives without its own latent
     wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed)
-    wrong_hits = (wrong_logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
+    wrong_hits = _meaning_hits(wrong_logits, accepted)
     wrong_content = content & (len(v) > 1)  # a batch of one has no other latent
     # the last block's attention of each target's position over the grid: heads averaged, the z token dropped
     attention = attention_concentration(decoder.cross_attention(framed[:, :-1], v, z).mean(dim=1)[..., 1:])
@@ -105,8 +110,8 @@ def summarize(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pulls towards the other scene's words, so this floor may lie below the prefix's own, and the latent's share
     of ``content_accuracy`` above it is an upper estimate), ``cross_entropy`` (per token) and its content and
     function parts, ``shuffle_ce_increase`` (relative), ``content_attention_entropy`` (in units of the
-    uniform's) and ``content_attention_peak`` (the peak weight over the uniform's); ``content_accuracy_{kind}`` per kind of
-    ``CONTENT_KINDS`` (colors, shapes, counts, relation words; NaN where the split has none)."""
+    uniform's) and ``content_attention_peak`` (the peak weight over the uniform's); ``content_accuracy_{kind}``
+    per kind of ``CONTENT_KINDS`` (colors, shapes, counts, relation words; NaN where the split has none)."""
     total = {name: values.sum() for name, values in rows.items()}
     tokens, content, function = total["tokens"], total["content_tokens"], total["function_tokens"]
     cross_entropy = total["cross_entropy"] / tokens

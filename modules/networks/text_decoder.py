@@ -26,8 +26,9 @@ class LatentMemory(nn.Module):
     """``V [B, C, H, W]`` and ``z [B, E]`` -> memory ``[B, 1 + H W, dim]``: ``z`` projected as the first token,
     then every pixel's ``C`` values projected (``Linear``, or with ``pixel_mlp`` the spec's "small MLP on V")
     plus a row and a column embedding (from ``N(0, position_std^2)``). The pixel order is row-major, so memory
-    token ``1 + i W + j`` is pixel ``(i, j)``. With ``standardize_maps`` the pixels are read from each map standardized
-    (``modules.networks.readout.standardized_maps``), as a readout that sees only the layout reads them."""
+    token ``1 + i W + j`` is pixel ``(i, j)``. With ``standardize_maps`` the pixels are read from each map
+    standardized (``modules.networks.readout.standardized_maps``), as a readout that sees only the layout reads
+    them."""
 
     def __init__(self, channels: int, grid_size: int, embedding_dim: int, dim: int, pixel_mlp: bool = False,
                  standardize_maps: bool = False, position_std: float = EMBEDDING_INIT_STD) -> None:
