@@ -51,6 +51,15 @@ TINY_TEMI = {
 }
 
 
+def mean_cosine_between_rows(states: torch.Tensor) -> float:
+    """The mean cosine between different rows of each ``[N, D]`` matrix of ``states [..., N, D]``, averaged over
+    the leading dimensions (how alike a network's initial states are)."""
+    unit = torch.nn.functional.normalize(states, dim=-1)
+    count = states.shape[-2]
+    off_diagonal = (unit @ unit.transpose(-1, -2)).sum(dim=(-2, -1)) - count
+    return float((off_diagonal / (count * count - count)).mean())
+
+
 def quiet_trainer(epochs: int, root: Path, callbacks=(), **kwargs) -> L.Trainer:
     """A CPU Trainer for in-process fits: no logger, progress bar or model summary."""
     return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,

@@ -19,6 +19,7 @@ from modules.losses.decoding import (
 )
 from modules.networks.text_decoder import LatentTextDecoder
 from modules.visual_latent import content_kind_table
+from tests.conftest import mean_cosine_between_rows
 from text.blocks.sentences import CONTENT_KINDS, FUNCTION_TOKEN, NO_SINGLE_KIND
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -116,12 +117,10 @@ def start_similarities(decoder: LatentTextDecoder) -> tuple[float, float]:
         states, mask, memory = decoder._states(ids, v, z)
         for block in decoder.blocks:
             states = block(states, mask, memory)
-        unit = torch.nn.functional.normalize(states, dim=-1)
-        cosines = unit @ unit.transpose(1, 2)
         keys = decoder.blocks[-1].cross.token_norm(memory[:, 1:])
         centred = keys - keys.mean(dim=(0, 1))
         place_share = centred.mean(dim=0).square().sum() * len(keys) / centred.square().sum()
-    return float((cosines.sum(dim=(1, 2)) - 10).mean() / 90), float(place_share)
+    return mean_cosine_between_rows(states), float(place_share)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

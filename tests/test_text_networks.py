@@ -10,6 +10,7 @@ import torch
 from modules.networks.grid_head import GridCrossAttentionHead, LocalSmoothing, TextToGrid, coordinate_grid
 from modules.networks.readout import MeanVarReadout, pooled_mean_variance, standardized_maps
 from modules.networks.text_encoder import TextTransformer, apply_rotary, rotary_tables
+from tests.conftest import mean_cosine_between_rows
 
 VOCAB = 50
 DIM = 32
@@ -83,9 +84,7 @@ def mean_cosine_between_token_states(positions: str, seed: int, **options) -> fl
     ids = torch.randint(1, 200, (16, 12))
     with torch.no_grad():
         states = encoder(ids, torch.ones_like(ids, dtype=torch.bool)).flatten(0, 1)
-    states = torch.nn.functional.normalize(states, dim=-1)
-    cosines = states @ states.T
-    return float((cosines.sum() - len(states)) / (len(states) ** 2 - len(states)))
+    return mean_cosine_between_rows(states)
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])
