@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.losses.decoding import attention_concentration, masked_logits, shuffle_pixels, teacher_forcing
+from modules.networks.text_decoder import hide_tokens
 from text.blocks.sentences import CONTENT_KINDS, FUNCTION_TOKEN
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -27,10 +28,13 @@ def frame_for_decoder(ids: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_logits(decoder, framed: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
-                   allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, targets)`` of teacher forcing on ``framed`` ids, restricted to ``allowed`` tokens if given."""
+                   allowed: torch.Tensor | None, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """``(logits, targets)`` of teacher forcing on ``framed`` ids, restricted to ``allowed`` tokens if given; the
+    prefix's ``hidden`` tokens are not shown to the decoder (``modules.networks.text_decoder.hide_tokens``),
+    though it must still write them."""
     inputs, targets = teacher_forcing(framed)
-    logits = decoder(inputs, v, z)
+    logits = decoder(hide_tokens(inputs, hidden, BOS_ID), v, z)
     return (logits if allowed is None else masked_logits(logits, allowed)), targets
 
 
@@ -47,7 +51,7 @@ def _meaning_hits(logits: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
                   allowed: torch.Tensor | None, content_kinds: torch.Tensor, accepted: torch.Tensor,
-                  best_continuation: torch.Tensor) -> dict[str, torch.Tensor]:
+                  best_continuation: torch.Tensor, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per sentence ``[B]``: counts and sums the split's decoding metrics are ratios of.
 
     ``content_kinds [vocab]`` gives each token's index in ``CONTENT_KINDS``, ``FUNCTION_TOKEN`` for a function
@@ -56,10 +60,11 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     A prediction is a hit when the sentence's meaning allows it there (``accepted [B, L + 1, K]``, the
     continuations of ``text.blocks.continuations``), an exact hit when it is the sentence's own token; the
     ceiling of exact hits for a decoder that knows the meaning but not the wording is how often
-    ``best_continuation [B, L + 1]`` is the sentence's own token.
+    ``best_continuation [B, L + 1]`` is the sentence's own token. ``hidden`` tokens of the prefix are not shown
+    to the decoder (``decoder_logits``).
     """
     framed = frame_for_decoder(ids)
-    logits, targets = decoder_logits(decoder, framed, v, z, allowed)
+    logits, targets = decoder_logits(decoder, framed, v, z, allowed, hidden)
     real = targets != PAD_ID
     kinds = content_kinds.to(targets.device)[targets]
     content = (kinds != FUNCTION_TOKEN) & real
@@ -70,15 +75,17 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     hits = _meaning_hits(logits, accepted)
     ceiling_hits = (best_continuation == targets).float()
     shuffled = shuffle_pixels(v, torch.Generator(device=v.device).manual_seed(SHUFFLE_SEED))
-    shuffled_logits, _ = decoder_logits(decoder, framed, shuffled, readout(shuffled), allowed)
+    shuffled_logits, _ = decoder_logits(decoder, framed, shuffled, readout(shuffled), allowed, hidden)
     shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
     shuffled_hits = _meaning_hits(shuffled_logits, accepted)
     # each sentence read from the latent of the one before it: what the prefix gives without its own latent
-    wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed)
+    wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed,
+                                  hidden)
     wrong_hits = _meaning_hits(wrong_logits, accepted)
     wrong_content = content & (len(v) > 1)  # a batch of one has no other latent
     # the last block's attention of each target's position over the grid: heads averaged, the z token dropped
-    attention = attention_concentration(decoder.cross_attention(framed[:, :-1], v, z).mean(dim=1)[..., 1:])
+    weights = decoder.cross_attention(hide_tokens(framed[:, :-1], hidden, BOS_ID), v, z)
+    attention = attention_concentration(weights.mean(dim=1)[..., 1:])
     by_kind = {}
     for index, kind in enumerate(CONTENT_KINDS):
         of_kind = (kinds == index) & real

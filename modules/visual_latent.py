@@ -58,7 +58,7 @@ from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
 from modules.networks.slot_splat import SlotSplatHead, SummedHeads, TokenSplatHead, rename_pre_painter_weights
-from modules.networks.text_decoder import LatentTextDecoder
+from modules.networks.text_decoder import LatentTextDecoder, hide_tokens
 from modules.networks.text_encoder import EMBEDDING_INIT_STD, TOKEN_EMBEDDING_STD, TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
 from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
@@ -108,8 +108,10 @@ class VisualLatentText(MethodModule):
             decoder_memory_position_std the scales its token embeddings and its pixels' row and column embeddings
             start from (0.02 and 0.02; unit scale localizes its attention sooner and reads less content in
             the CPU profile's steps: ``modules.networks.text_decoder``);
-            decoder_weight: gamma of ``L_dec``; vocab_mask: restrict its outputs to the tokens of the training
-            corpus.
+            decoder_weight: gamma of ``L_dec``; decoder_hides_content: the decoder's prefix shows no content
+            token (each is fed as BOS: ``modules.networks.text_decoder.hide_tokens``), so that every content word
+            it writes must come from the latent, none from an earlier mention (not in the spec); vocab_mask:
+            restrict its outputs to the tokens of the training corpus.
         frozen: networks that do not train (P4: ``[encoder, readout]``); they also stay in eval mode.
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
@@ -183,6 +185,7 @@ class VisualLatentText(MethodModule):
         decoder_memory_position_std: float = EMBEDDING_INIT_STD,
         pixel_mlp: bool = False,
         decoder_weight: float = 1.0,
+        decoder_hides_content: bool = False,
         vocab_mask: bool = True,
         frozen: tuple[str, ...] = (),
         lr: float = 2e-4,
@@ -333,7 +336,7 @@ class VisualLatentText(MethodModule):
                 logs |= {f"train/vicreg_{name}": value for name, value in vicreg.items()}
         if self.decoder is not None:
             logits, targets = decoder_logits(self.decoder, frame_for_decoder(batch["view_a"]), latents[0],
-                                             self.readout(latents[0]), self._allowed())
+                                             self.readout(latents[0]), self._allowed(), self._hidden())
             logs["train/decoder_ce"] = reconstruction_loss(logits, targets)
             loss = loss + hp.decoder_weight * logs["train/decoder_ce"]
         self.log_dict(logs, on_step=True, on_epoch=False, sync_dist=False)
@@ -358,7 +361,7 @@ class VisualLatentText(MethodModule):
             outputs["ids"] = F.pad(sentence, (0, self.hparams.max_length - sentence.shape[1]), value=PAD_ID)
             outputs |= {f"decoding_{name}": values for name, values in decoding_rows(
                 self.decoder, self.readout, sentence, v_sentence, outputs["z"], self._allowed(),
-                self.content_kinds, batch["accepted"], batch["best_continuation"]).items()}
+                self.content_kinds, batch["accepted"], batch["best_continuation"], self._hidden()).items()}
         return outputs
 
     def evaluate(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
@@ -398,7 +401,8 @@ class VisualLatentText(MethodModule):
         # Outside the step, so outside autocast: the latents in the weights' precision.
         ids, v, z = outputs["ids"][:sentences], outputs["v"][:sentences].float(), outputs["z"][:sentences].float()
         framed = frame_for_decoder(ids)
-        weights = self.decoder.cross_attention(framed[:, :-1], v, z).mean(dim=1)[..., 1:]
+        weights = self.decoder.cross_attention(hide_tokens(framed[:, :-1], self._hidden(), BOS_ID), v, z)
+        weights = weights.mean(dim=1)[..., 1:]
         targets = framed[:, 1:]
         content = self.content_tokens[targets] & (targets != PAD_ID)
         tokenizer = self.trainer.datamodule.tokenizer
@@ -416,9 +420,9 @@ class VisualLatentText(MethodModule):
         outputs = {"index": batch["index"], "latent": v}
         if self.decoder is not None:
             z = self.readout(v)
-            outputs["reconstruction"] = self.decoder.generate(v, z, BOS_ID, EOS_ID, self._allowed())
+            outputs["reconstruction"] = self.decoder.generate(v, z, BOS_ID, EOS_ID, self._allowed(), self._hidden())
             rows = decoding_rows(self.decoder, self.readout, ids, v, z, self._allowed(), self.content_kinds,
-                                 batch["accepted"], batch["best_continuation"])
+                                 batch["accepted"], batch["best_continuation"], self._hidden())
             content = rows["content_tokens"].clamp(min=1)
             outputs["content_exact_accuracy"] = rows["content_exact_hits"] / content
             # the meaning's continuations are known only for sentences of the grammar
@@ -427,6 +431,9 @@ class VisualLatentText(MethodModule):
 
     def _allowed(self) -> torch.Tensor | None:
         return self.allowed_tokens if self.hparams.vocab_mask else None
+
+    def _hidden(self) -> torch.Tensor | None:
+        return self.content_tokens if self.hparams.decoder_hides_content else None
 
     def _record_start_r1(self, split: str, r1: float) -> bool:
         """Whether the starting R@1 is known, taking it at the sanity validation of a run from ``init_from``

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from modules.latent_decoding import decoding_rows, summarize
+from modules.latent_decoding import decoder_logits, decoding_rows, summarize
 from modules.losses.decoding import (
     attention_concentration,
     masked_logits,
@@ -17,7 +17,7 @@ from modules.losses.decoding import (
     teacher_forcing,
     vocabulary_mask,
 )
-from modules.networks.text_decoder import LatentTextDecoder
+from modules.networks.text_decoder import LatentTextDecoder, hide_tokens
 from modules.visual_latent import content_kind_table
 from tests.conftest import mean_cosine_between_rows
 from text.blocks.sentences import CONTENT_KINDS, FUNCTION_TOKEN, NO_SINGLE_KIND
@@ -98,6 +98,34 @@ def test_a_decoder_on_standardized_maps_reads_the_layout_only():
     brighter = v * torch.tensor([3.0, 0.5, 2.0]).view(1, 3, 1, 1) + torch.tensor([1.0, 2.0, -5.0]).view(1, 3, 1, 1)
     torch.testing.assert_close(decoder(ids, brighter, z), decoder(ids, v, z), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(decoder(ids, v.flip(-1), z), decoder(ids, v, z), atol=1e-3)
+
+
+def test_hidden_tokens_reach_the_decoder_as_bos_so_it_cannot_copy_them():
+    hidden = torch.zeros(12, dtype=torch.bool)
+    hidden[[4, 7]] = True
+    ids = torch.tensor([[BOS_ID, 4, 5, 7, EOS_ID], [BOS_ID, 6, 7, 4, PAD_ID]])
+    assert hide_tokens(ids, hidden, BOS_ID).tolist() == [[BOS_ID, BOS_ID, 5, BOS_ID, EOS_ID],
+                                                         [BOS_ID, 6, BOS_ID, BOS_ID, PAD_ID]]
+    assert hide_tokens(ids, None, BOS_ID) is ids
+    torch.manual_seed(3)
+    decoder = LatentTextDecoder(vocab_size=12, max_length=6, channels=2, grid_size=4, embedding_dim=3, dim=16,
+                                depth=1, heads=2, ffn_dim=32, dropout=0.0).eval()
+    v, z = torch.randn(2, 2, 4, 4), torch.randn(2, 3)
+    # which hidden token stood in the prefix changes nothing downstream; a shown one does
+    framed = torch.tensor([[BOS_ID, 4, 5, 6, EOS_ID]] * 2)
+    other = framed.clone()
+    other[:, 1] = 7
+    hidden_logits = decoder_logits(decoder, framed, v, z, None, hidden)[0]
+    torch.testing.assert_close(decoder_logits(decoder, other, v, z, None, hidden)[0], hidden_logits)
+    shown_logits = decoder_logits(decoder, framed, v, z, None)[0]
+    assert not torch.allclose(decoder_logits(decoder, other, v, z, None)[0], shown_logits)
+    # greedy decoding feeds the hidden tokens it writes back as BOS: each is the argmax given the hidden prefix
+    allowed = torch.zeros(12, dtype=torch.bool)
+    allowed[[4, 5, 6, 7]] = True  # no EOS: every row runs to max_length
+    ids = decoder.generate(v, z, BOS_ID, EOS_ID, allowed, hidden)
+    assert hidden[ids[:, 1:]].any() and not torch.equal(ids, decoder.generate(v, z, BOS_ID, EOS_ID, allowed))
+    logits = masked_logits(decoder(hide_tokens(ids[:, :-1], hidden, BOS_ID), v, z), allowed)
+    assert torch.equal(logits.argmax(dim=-1), ids[:, 1:])
 
 
 def decoder_at_start(seed: int, **scales) -> LatentTextDecoder:

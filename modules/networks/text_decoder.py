@@ -22,6 +22,12 @@ from modules.networks.readout import standardized_maps
 from modules.networks.text_encoder import EMBEDDING_INIT_STD, MultiHeadAttention, check_token_batch
 
 
+def hide_tokens(inputs: torch.Tensor, hidden: torch.Tensor | None, bos_id: int) -> torch.Tensor:
+    """``inputs`` with every token of ``hidden [vocab]`` (bool) replaced by ``bos_id``, which stands nowhere
+    else after the first position: the decoder sees that a hidden token stood there, not which one."""
+    return inputs if hidden is None else torch.where(hidden.to(inputs.device)[inputs], bos_id, inputs)
+
+
 class LatentMemory(nn.Module):
     """``V [B, C, H, W]`` and ``z [B, E]`` -> memory ``[B, 1 + H W, dim]``: ``z`` projected as the first token,
     then every pixel's ``C`` values projected (``Linear``, or with ``pixel_mlp`` the spec's "small MLP on V")
@@ -131,13 +137,14 @@ class LatentTextDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, v: torch.Tensor, z: torch.Tensor, bos_id: int, eos_id: int,
-                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+                 allowed: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy decoding from the latent alone: ids ``[B, L]`` starting with ``bos_id``, each row padded
-        after its first ``eos_id``; at most ``max_length`` ids. ``allowed`` restricts the tokens written."""
+        after its first ``eos_id``; at most ``max_length`` ids. ``allowed`` restricts the tokens written,
+        ``hidden`` ones are fed back as ``bos_id`` (``hide_tokens``)."""
         ids = torch.full((len(v), 1), bos_id, dtype=torch.long, device=v.device)
         finished = torch.zeros(len(v), dtype=torch.bool, device=v.device)
         while ids.shape[1] < self.max_length and not bool(finished.all()):
-            logits = self(ids, v, z)[:, -1]
+            logits = self(hide_tokens(ids, hidden, bos_id), v, z)[:, -1]
             if allowed is not None:
                 logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
             step = torch.where(finished, self.pad_id, logits.argmax(dim=-1))
