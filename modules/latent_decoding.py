@@ -27,9 +27,10 @@ def frame_for_decoder(ids: torch.Tensor) -> torch.Tensor:
     return framed.scatter(1, lengths + 1, EOS_ID)
 
 
-def decoder_logits(decoder, framed: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
-                   allowed: torch.Tensor | None, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
+def decoder_logits(
+    decoder, framed: torch.Tensor, v: torch.Tensor, z: torch.Tensor, allowed: torch.Tensor | None,
+    hidden: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, targets)`` of teacher forcing on ``framed`` ids, restricted to ``allowed`` tokens if given; the
     prefix's ``hidden`` tokens are not shown to the decoder (``modules.networks.text_decoder.hide_tokens``),
     though it must still write them."""
@@ -79,8 +80,7 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     shuffled_entropy = F.cross_entropy(shuffled_logits.transpose(1, 2).float(), targets, reduction="none")
     shuffled_hits = _meaning_hits(shuffled_logits, accepted)
     # each sentence read from the latent of the one before it: what the prefix gives without its own latent
-    wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed,
-                                  hidden)
+    wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed, hidden)
     wrong_hits = _meaning_hits(wrong_logits, accepted)
     wrong_content = content & (len(v) > 1)  # a batch of one has no other latent
     # the last block's attention of each target's position over the grid: heads averaged, the z token dropped

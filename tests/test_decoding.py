@@ -119,13 +119,15 @@ def test_hidden_tokens_reach_the_decoder_as_bos_so_it_cannot_copy_them():
     torch.testing.assert_close(decoder_logits(decoder, other, v, z, None, hidden)[0], hidden_logits)
     shown_logits = decoder_logits(decoder, framed, v, z, None)[0]
     assert not torch.allclose(decoder_logits(decoder, other, v, z, None)[0], shown_logits)
-    # greedy decoding feeds the hidden tokens it writes back as BOS: each is the argmax given the hidden prefix
-    allowed = torch.zeros(12, dtype=torch.bool)
-    allowed[[4, 5, 6, 7]] = True  # no EOS: every row runs to max_length
+    # greedy decoding feeds the hidden tokens it writes back as BOS: allowed only hidden ones (and no EOS, so
+    # every row runs to max_length), it decodes as if its whole prefix were BOS
+    allowed = hidden.clone()
     ids = decoder.generate(v, z, BOS_ID, EOS_ID, allowed, hidden)
-    assert hidden[ids[:, 1:]].any() and not torch.equal(ids, decoder.generate(v, z, BOS_ID, EOS_ID, allowed))
-    logits = masked_logits(decoder(hide_tokens(ids[:, :-1], hidden, BOS_ID), v, z), allowed)
+    assert ids.shape == (2, 6) and hidden[ids[:, 1:]].all()
+    logits = masked_logits(decoder(torch.full_like(ids[:, :-1], BOS_ID), v, z), allowed)
     assert torch.equal(logits.argmax(dim=-1), ids[:, 1:])
+    shown = masked_logits(decoder(ids[:, :-1], v, z), allowed)  # what it would write seeing its own tokens
+    assert not torch.allclose(shown, logits)
 
 
 def decoder_at_start(seed: int, **scales) -> LatentTextDecoder:
