@@ -15,8 +15,10 @@ main job with the spec's literal latent (the grid head alone, its maps read raw)
 (``latent_head: grid_and_token_blobs``), ``p2_token_blobs_shapes`` the same with shape-flip negatives too, and
 ``p4_token_blobs``, ``p4_token_blobs_shapes`` P4 on each (with the default data). ``p2_shapes`` is the main job with
 shape-flip negatives, ``p2_decoder`` the main job with P4's decoder and its loss (``L_dec``) trained beside InfoNCE,
-and ``p4_shapes``, ``p4_after_p2_decoder`` P4 on each (a fresh decoder, the default data). Prints a markdown table of every
-gate criterion's value and writes
+and ``p4_shapes``, ``p4_after_p2_decoder`` P4 on each (a fresh decoder, the default data);
+``p2_decoder_hiding_content`` is ``p2_decoder`` with no content word shown in its decoder's prefix (each must come
+from the latent), ``p4_after_p2_decoder_hiding_content`` P4 on it. Prints a markdown table of every gate
+criterion's value and writes
 ``{"runs": [{"run", "phase", "passed", "wall_seconds", "criteria": [...]}], ...}``.
 """
 
@@ -81,6 +83,8 @@ RUNS = {
     "p4_shapes": (P4, [], ("p2_shapes",)),
     "p2_decoder": (P2, P2_DECODER, ()),
     "p4_after_p2_decoder": (P4, [], ("p2_decoder",)),
+    "p2_decoder_hiding_content": (P2, [*P2_DECODER, "--model.init_args.decoder_hides_content", "true"], ()),
+    "p4_after_p2_decoder_hiding_content": (P4, [], ("p2_decoder_hiding_content",)),
 }
 
 
