@@ -16,8 +16,8 @@ main job with the spec's literal latent (the grid head alone, its maps read raw)
 ``p4_token_blobs``, ``p4_token_blobs_shapes`` P4 on each (with the default data). ``p2_shapes`` is the main job with
 shape-flip negatives, ``p2_decoder`` the main job with P4's decoder and its loss (``L_dec``) trained beside InfoNCE,
 and ``p4_shapes``, ``p4_after_p2_decoder`` P4 on each (a fresh decoder, the default data);
-``p2_decoder_hiding_content`` is ``p2_decoder`` with no content word shown in its decoder's prefix (each must come
-from the latent), ``p4_after_p2_decoder_hiding_content`` P4 on it. Prints a markdown table of every gate
+``p2_decoder_hiding_content`` is ``p2_decoder`` with no content word shown in its decoder's prefix (none can
+be copied from it), ``p4_after_p2_decoder_hiding_content`` P4 on it. Prints a markdown table of every gate
 criterion's value and writes
 ``{"runs": [{"run", "phase", "passed", "wall_seconds", "criteria": [...]}], ...}``.
 """

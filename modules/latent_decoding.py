@@ -31,9 +31,9 @@ def decoder_logits(
     decoder, framed: torch.Tensor, v: torch.Tensor, z: torch.Tensor, allowed: torch.Tensor | None,
     hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, targets)`` of teacher forcing on ``framed`` ids, restricted to ``allowed`` tokens if given; the
-    prefix's ``hidden`` tokens are not shown to the decoder (``modules.networks.text_decoder.hide_tokens``),
-    though it must still write them."""
+    """``(logits, targets)`` of teacher forcing on ``framed`` ids, restricted to ``allowed`` tokens if given;
+    the prefix's ``hidden`` tokens are not shown to the decoder
+    (``modules.networks.text_decoder.hide_tokens``), though it must still write them."""
     inputs, targets = teacher_forcing(framed)
     logits = decoder(hide_tokens(inputs, hidden, BOS_ID), v, z)
     return (logits if allowed is None else masked_logits(logits, allowed)), targets
@@ -52,7 +52,8 @@ def _meaning_hits(logits: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
                   allowed: torch.Tensor | None, content_kinds: torch.Tensor, accepted: torch.Tensor,
-                  best_continuation: torch.Tensor, hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  best_continuation: torch.Tensor,
+                  hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per sentence ``[B]``: counts and sums the split's decoding metrics are ratios of.
 
     ``content_kinds [vocab]`` gives each token's index in ``CONTENT_KINDS``, ``FUNCTION_TOKEN`` for a function
@@ -61,8 +62,8 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     A prediction is a hit when the sentence's meaning allows it there (``accepted [B, L + 1, K]``, the
     continuations of ``text.blocks.continuations``), an exact hit when it is the sentence's own token; the
     ceiling of exact hits for a decoder that knows the meaning but not the wording is how often
-    ``best_continuation [B, L + 1]`` is the sentence's own token. ``hidden`` tokens of the prefix are not shown
-    to the decoder (``decoder_logits``).
+    ``best_continuation [B, L + 1]`` is the sentence's own token. ``hidden`` tokens of the prefix are not
+    shown to the decoder (``decoder_logits``).
     """
     framed = frame_for_decoder(ids)
     logits, targets = decoder_logits(decoder, framed, v, z, allowed, hidden)

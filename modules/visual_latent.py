@@ -109,9 +109,9 @@ class VisualLatentText(MethodModule):
             start from (0.02 and 0.02; unit scale localizes its attention sooner and reads less content in
             the CPU profile's steps: ``modules.networks.text_decoder``);
             decoder_weight: gamma of ``L_dec``; decoder_hides_content: the decoder's prefix shows no content
-            token (each is fed as BOS: ``modules.networks.text_decoder.hide_tokens``), so that every content word
-            it writes must come from the latent, none from an earlier mention (not in the spec); vocab_mask:
-            restrict its outputs to the tokens of the training corpus.
+            token (each is fed as BOS: ``modules.networks.text_decoder.hide_tokens``), so that no content
+            word it writes can be copied from an earlier mention (not in the spec); vocab_mask: restrict its
+            outputs to the tokens of the training corpus.
         frozen: networks that do not train (P4: ``[encoder, readout]``); they also stay in eval mode.
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
@@ -420,7 +420,8 @@ class VisualLatentText(MethodModule):
         outputs = {"index": batch["index"], "latent": v}
         if self.decoder is not None:
             z = self.readout(v)
-            outputs["reconstruction"] = self.decoder.generate(v, z, BOS_ID, EOS_ID, self._allowed(), self._hidden())
+            outputs["reconstruction"] = self.decoder.generate(v, z, BOS_ID, EOS_ID, self._allowed(),
+                                                              self._hidden())
             rows = decoding_rows(self.decoder, self.readout, ids, v, z, self._allowed(), self.content_kinds,
                                  batch["accepted"], batch["best_continuation"], self._hidden())
             content = rows["content_tokens"].clamp(min=1)
