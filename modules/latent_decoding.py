@@ -49,6 +49,13 @@ def _meaning_hits(logits: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1).unsqueeze(-1) == accepted).any(dim=-1).float()
 
 
+def grid_attention(decoder, framed: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
+                   hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """The last block's attention ``[B, L + 1, H W]`` of each target's position in ``framed`` over the grid:
+    heads averaged, the ``z`` token dropped, the prefix's ``hidden`` tokens not shown (``decoder_logits``)."""
+    return decoder.cross_attention(hide_tokens(framed[:, :-1], hidden, BOS_ID), v, z).mean(dim=1)[..., 1:]
+
+
 @torch.no_grad()
 def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
                   allowed: torch.Tensor | None, content_kinds: torch.Tensor, accepted: torch.Tensor,
@@ -84,9 +91,7 @@ def decoding_rows(decoder, readout, ids: torch.Tensor, v: torch.Tensor, z: torch
     wrong_logits, _ = decoder_logits(decoder, framed, v.roll(1, dims=0), z.roll(1, dims=0), allowed, hidden)
     wrong_hits = _meaning_hits(wrong_logits, accepted)
     wrong_content = content & (len(v) > 1)  # a batch of one has no other latent
-    # the last block's attention of each target's position over the grid: heads averaged, the z token dropped
-    weights = decoder.cross_attention(hide_tokens(framed[:, :-1], hidden, BOS_ID), v, z)
-    attention = attention_concentration(weights.mean(dim=1)[..., 1:])
+    attention = attention_concentration(grid_attention(decoder, framed, v, z, hidden))
     by_kind = {}
     for index, kind in enumerate(CONTENT_KINDS):
         of_kind = (kinds == index) & real

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.distributed import gather_with_gradients
-from modules.latent_decoding import decoder_logits, decoding_rows, frame_for_decoder
+from modules.latent_decoding import decoder_logits, decoding_rows, frame_for_decoder, grid_attention
 from modules.latent_decoding import summarize as summarize_decoding
 from modules.latent_jitter import jitter, shift_robustness
 from modules.latent_snapshot import LatentSnapshot
@@ -58,7 +58,7 @@ from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
 from modules.networks.readout import MeanVarReadout
 from modules.networks.slot_splat import SlotSplatHead, SummedHeads, TokenSplatHead, rename_pre_painter_weights
-from modules.networks.text_decoder import LatentTextDecoder, hide_tokens
+from modules.networks.text_decoder import LatentTextDecoder
 from modules.networks.text_encoder import EMBEDDING_INIT_STD, TOKEN_EMBEDDING_STD, TextTransformer
 from text.blocks import COUNTERFACTUAL_KINDS
 from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
@@ -401,8 +401,7 @@ class VisualLatentText(MethodModule):
         # Outside the step, so outside autocast: the latents in the weights' precision.
         ids, v, z = outputs["ids"][:sentences], outputs["v"][:sentences].float(), outputs["z"][:sentences].float()
         framed = frame_for_decoder(ids)
-        weights = self.decoder.cross_attention(hide_tokens(framed[:, :-1], self._hidden(), BOS_ID), v, z)
-        weights = weights.mean(dim=1)[..., 1:]
+        weights = grid_attention(self.decoder, framed, v, z, self._hidden())
         targets = framed[:, 1:]
         content = self.content_tokens[targets] & (targets != PAD_ID)
         tokenizer = self.trainer.datamodule.tokenizer
