@@ -1,7 +1,8 @@
-"""Spec 004 phases P1 to P4 on the CPU profiles, scored by their phase gates.
+"""Spec 004 phases P1 to P5 on the CPU profiles, scored by their phase gates.
 
     python benchmarks/visual_latent.py --out benchmarks/results/visual_latent.json
     python benchmarks/visual_latent.py --runs p1 p2 p2_scratch p1_spec_var p3 p3_spec_raw --out FILE.json
+    python benchmarks/visual_latent.py --runs p5 --start p4=DIR/p4/checkpoints/last.ckpt --out FILE.json
 
 Each run is exactly what the command line runs (``cli.py fit`` with the phase config plus its CPU
 profile); ``p2`` starts from the last checkpoint of ``p1``, ``p2_scratch`` is the main job as
@@ -17,7 +18,9 @@ main job with the spec's literal latent (the grid head alone, its maps read raw)
 shape-flip negatives, ``p2_decoder`` the main job with P4's decoder and its loss (``L_dec``) trained beside InfoNCE,
 and ``p4_shapes``, ``p4_after_p2_decoder`` P4 on each (a fresh decoder, the default data);
 ``p2_decoder_hiding_content`` is ``p2_decoder`` with no content word shown in its decoder's prefix (none can
-be copied from it), ``p4_after_p2_decoder_hiding_content`` P4 on it. Prints a markdown table of every gate
+be copied from it), ``p4_after_p2_decoder_hiding_content`` P4 on it. ``p5`` trains every network of ``p4``
+with P5's loss stack (round trip and copy suppression), ``p5_seed1`` and ``p5_seed2`` the same from the same P4
+checkpoint under other seeds. Prints a markdown table of every gate
 criterion's value and writes
 ``{"runs": [{"run", "phase", "passed", "wall_seconds", "criteria": [...]}], ...}``.
 """
@@ -49,6 +52,7 @@ P1 = ["configs/p1_priors.yaml", "configs/profiles/p1_priors_cpu.yaml"]
 P2 = ["configs/p2_contrastive.yaml", "configs/profiles/p2_contrastive_cpu.yaml"]
 P3 = ["configs/p3_invariance.yaml", "configs/profiles/p3_invariance_cpu.yaml"]
 P4 = ["configs/p4_decoder.yaml", "configs/profiles/p4_decoder_cpu.yaml"]
+P5 = ["configs/p5_round_trip.yaml", "configs/profiles/p5_round_trip_cpu.yaml"]
 # The spec's literal latent: the grid head alone, read with each map's brightness and contrast (the configs'
 # default is slot blobs over that texture, read through standardized maps).
 SPEC_LATENT = ["--model.init_args.latent_head", "grid", "--model.init_args.standardize_maps", "false"]
@@ -85,6 +89,9 @@ RUNS = {
     "p4_after_p2_decoder": (P4, [], ("p2_decoder",)),
     "p2_decoder_hiding_content": (P2, [*P2_DECODER, "--model.init_args.decoder_hides_content", "true"], ()),
     "p4_after_p2_decoder_hiding_content": (P4, [], ("p2_decoder_hiding_content",)),
+    "p5": (P5, [], ("p4",)),
+    **{f"p5_seed{seed}": (P5, ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)], ("p4",))
+       for seed in (1, 2)},
 }
 
 
@@ -95,20 +102,28 @@ REPORTED = ("r1", "cos_gap", "cos_gap_swap_arguments", "text_dependence", "spati
             "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px", "content_accuracy",
             "content_exact_accuracy", "content_exact_ceiling", "content_accuracy_shuffled",
             "content_accuracy_wrong_latent", "function_accuracy", "shuffle_ce_increase",
-            "content_attention_entropy", *(f"content_accuracy_{kind}" for kind in CONTENT_KINDS))
+            "content_attention_entropy", *(f"content_accuracy_{kind}" for kind in CONTENT_KINDS),
+            *(f"{name}{suffix}" for name in ("graph_f1", "rouge_l", "round_trip_cosine", "round_trip_cosine_other",
+                                             "unparsed_share", "verbatim_share") for suffix in ("", "_greedy")))
 
 
-def start_options(name: str, done: list[str], workdir: Path) -> list[str]:
+def start_options(name: str, done: list[str], workdir: Path, given: dict[str, str]) -> list[str]:
+    """``init_from`` the last checkpoint of the first of the run's starts done before it in this invocation, or
+    else the checkpoint ``--start`` gives for one of them."""
     starts = RUNS[name][2]
     if not starts:
         return []
     start = next((run for run in starts if run in done), None)
+    if start is not None:
+        return ["--model.init_args.init_from", str(workdir / start / "checkpoints" / "last.ckpt")]
+    start = next((run for run in starts if run in given), None)
     if start is None:
-        raise SystemExit(f"run {name} starts from the checkpoint of one of {list(starts)}: run one before it")
-    return ["--model.init_args.init_from", str(workdir / start / "checkpoints" / "last.ckpt")]
+        raise SystemExit(f"run {name} starts from the checkpoint of one of {list(starts)}: run one before it or "
+                         f"give its checkpoint with --start")
+    return ["--model.init_args.init_from", given[start]]
 
 
-def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str]) -> dict:
+def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str], given: dict[str, str]) -> dict:
     configs, options, _ = RUNS[name]
     if "--seed_everything" in options:  # a run under its own seed
         seed = int(options[options.index("--seed_everything") + 1])
@@ -119,7 +134,7 @@ def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str]) 
     args += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
              "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    args += [*options, *start_options(name, done, workdir), *extra]
+    args += [*options, *start_options(name, done, workdir, given), *extra]
     start = time.perf_counter()
     cli = cli_main(args)
     seconds = time.perf_counter() - start
@@ -131,6 +146,8 @@ def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str]) 
               "metrics": {key: float(last[f"val/{key}"]) for key in REPORTED if f"val/{key}" in last}}
     if cli.model.decoder is not None:
         result["reconstructions"] = reconstructions(cli, root)
+        with (root / "plots" / "round_trips_latest.csv").open() as rows:
+            result["round_trips"] = list(csv.DictReader(rows))
     return result
 
 
@@ -184,6 +201,13 @@ def reconstructions_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def round_trips_table(rows: list[dict]) -> str:
+    lines = ["| input | written from the latent | Graph F1 | ROUGE-L |", "|---|---|---|---|"]
+    lines += [f"| {r['input']} | {r['output']} | {float(r['graph_f1']):.2f} | {float(r['rouge_l']):.2f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["p1", "p2"], choices=list(RUNS))
@@ -191,17 +215,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--start", action="append", default=[], metavar="RUN=CHECKPOINT",
+                        help="the checkpoint of a run done earlier, for the runs that start from it")
     args, extra = parser.parse_known_args()  # the rest go to cli.py, e.g. --trainer.max_epochs=4
+    given = dict(start.split("=", 1) for start in args.start)
     for index, name in enumerate(args.runs):
-        if RUNS[name][2] and not set(RUNS[name][2]) & set(args.runs[:index]):
-            parser.error(f"run {name} starts from the checkpoint of one of {list(RUNS[name][2])}: list one before it")
+        if RUNS[name][2] and not set(RUNS[name][2]) & (set(args.runs[:index]) | set(given)):
+            parser.error(f"run {name} starts from the checkpoint of one of {list(RUNS[name][2])}: list one before it "
+                         f"or give its checkpoint with --start")
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as temporary:
         workdir = Path(args.workdir or temporary)
         results = []
         for name in args.runs:
-            results.append(run(name, workdir, args.seed, extra, args.runs[:len(results)]))
+            results.append(run(name, workdir, args.seed, extra, args.runs[:len(results)], given))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "criteria"}), flush=True)
 
     print(markdown(results))
@@ -210,6 +238,8 @@ def main() -> None:
     for result in results:
         if "reconstructions" in result:
             print(f"\n{result['run']}:\n" + reconstructions_table(result["reconstructions"]))
+        if result["phase"] == "P5":
+            print(f"\n{result['run']}, round trips:\n" + round_trips_table(result["round_trips"]))
     write_record(args.out, {"results": results}, args.threads)
 
 

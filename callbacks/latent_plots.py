@@ -1,11 +1,13 @@
 """Pictures of the latent grid after every validation (spec 004 §0 "Plots", P1 "Logging & Visualization",
 P2 "Metrics"): ``DIR/plots/<name>_step<global_step>.png`` and ``<name>_latest.png`` for ``spectra``,
 ``trends``, ``covariance``, ``montage``, ``embedding`` and, with a decoder, ``attention``, drawn from the
-module's ``latent_snapshot``
-(``modules.latent_snapshot.LatentSnapshot``)."""
+module's ``latent_snapshot`` (``modules.latent_snapshot.LatentSnapshot``); with a decoder also
+``round_trips_latest.csv``, the held-out sentences and what the decoder writes from their latents (a W&B table
+as well)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
@@ -80,6 +82,13 @@ class LatentPlots(Callback):
             path = _save(figure, folder, name, snapshot.global_step)
             for logger in wandb_loggers:
                 logger.log_image(key=f"plots/{name}", images=[str(path)], step=trainer.global_step)
+        if snapshot.round_trips:
+            _save_rows(snapshot.round_trips, folder / "round_trips_latest.csv")
+            columns = list(snapshot.round_trips[0])
+            for logger in wandb_loggers:
+                logger.log_table(key="round_trips", columns=columns,
+                                 data=[[row[name] for name in columns] for row in snapshot.round_trips],
+                                 step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(entry) for entry in self.history]}
@@ -96,6 +105,15 @@ def _save(figure: Figure, folder: Path, name: str, global_step: int) -> Path:
     shutil.copyfile(path, partial)
     os.replace(partial, folder / f"{name}_latest.png")  # a viewer never reads a half-written image
     return path
+
+
+def _save_rows(rows: list[dict], path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
 
 
 def spectra_figure(snapshot: LatentSnapshot) -> Figure:

@@ -26,7 +26,9 @@ class LatentSnapshot:
     - ``z`` [N, D], ``z_group`` [N], ``z_is_counterfactual`` [N] (bool): the embeddings g(V), the
       paraphrase group of each and whether it embeds a counterfactual of that group;
     - with a decoder (P4 on), ``attention`` [T, H, W] and ``attention_labels`` (T strings): the decoder's
-      attention over the grid when it writes each content token of the first montage sentences.
+      attention over the grid when it writes each content token of the first montage sentences;
+    - with a decoder, ``round_trips``: rows ``{input, output, graph_f1, rouge_l, cosine}`` of the first held-out
+      sentences and the best of the candidates written from their latents (spec P5's checker).
 
     Tensors are detached and moved to the CPU here, so a snapshot never holds device memory or a graph.
     """
@@ -45,6 +47,7 @@ class LatentSnapshot:
     global_step: int
     attention: Tensor | None = None
     attention_labels: list[str] | None = None
+    round_trips: list[dict] | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -68,9 +68,13 @@ class MethodModule(L.LightningModule):
     def requested_warmup_steps(self) -> int:
         return self.hparams.warmup_steps
 
+    def parameter_groups(self) -> list[dict]:
+        """AdamW's parameter groups; a group may set its own peak ``lr``, which the schedule then scales."""
+        return decay_groups(self, self.hparams.weight_decay)
+
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(decay_groups(self, hp.weight_decay), lr=self.peak_learning_rate(),
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.peak_learning_rate(),
                                       betas=tuple(hp.betas), fused=self.FUSED_OPTIMIZER or None)
         self.total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.requested_warmup_steps(), self.total_steps // 2)

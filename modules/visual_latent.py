@@ -1,4 +1,4 @@
-"""Text to a 2-D "visual" latent, trained on text alone (spec 004, phases P1 to P4).
+"""Text to a 2-D "visual" latent, trained on text alone (spec 004, phases P1 to P5).
 
 A pre-LN Transformer reads a sentence; a grid cross-attention head paints ``V [B, C, H, W]``
 (``modules.networks``), optionally with the spec's slot-attention variant's Gaussian blobs over it
@@ -12,7 +12,11 @@ latent jitter ``T`` of ``modules.latent_jitter`` (shifts, mild blur, cutout). P4
 (``configs/p4_decoder.yaml``) trains a decoder ``D_psi`` (``modules.networks.text_decoder``) to write
 each sentence back from its ``V`` and ``z`` by teacher forcing under a vocabulary mask, on a frozen
 encoder and readout (``frozen``); its diagnostics are ``modules.latent_decoding``'s, and its
-content tokens are scored against what the sentence's meaning allows (``text.blocks.continuations``).
+content tokens are scored against what the sentence's meaning allows (``text.blocks.continuations``). P5
+(``configs/p5_round_trip.yaml``) trains every network with the whole stack, adding ``delta * L_cycle`` and
+``rho * L_copySuppress`` over the best of ``k`` sentences sampled from the latent (``round_trip_terms``); from P4
+on, every evaluation checks what the decoder writes from each held-out latent with the rule-based checker
+(``modules.round_trip``: Graph F1, ROUGE-L, round-trip cosine), greedy and best of ``k``.
 
 Every prior is a per-sentence statistic, so a latent that ignores the text satisfies them all; the
 public attempt at this plan collapsed exactly so. ``text_variance_weight`` (on by default; 0 is the
@@ -53,6 +57,7 @@ from modules.losses.image_priors import (
     latent_statistics,
     text_variance_loss,
 )
+from modules.losses.round_trip import copied_ngram_ends, copy_unlikelihood, round_trip_cosine_loss
 from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
@@ -60,7 +65,17 @@ from modules.networks.readout import MeanVarReadout
 from modules.networks.slot_splat import SlotSplatHead, SummedHeads, TokenSplatHead, rename_pre_painter_weights
 from modules.networks.text_decoder import LatentTextDecoder
 from modules.networks.text_encoder import EMBEDDING_INIT_STD, TOKEN_EMBEDDING_STD, TextTransformer
-from text.blocks import COUNTERFACTUAL_KINDS
+from modules.optim import decay_groups
+from modules.round_trip import (
+    check_round_trips,
+    chosen,
+    greedy_round_trips,
+    round_trip_candidates,
+    sampled_round_trips,
+    summarize_round_trips,
+    written_length,
+)
+from text.blocks import COUNTERFACTUAL_KINDS, Scene
 from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, word_set_majorities
 
@@ -70,6 +85,7 @@ MONTAGE_SIZE = 16
 FREEZABLE = ("encoder", "readout")
 LATENT_HEADS = ("grid", "slots", "grid_and_slots", "token_blobs", "grid_and_token_blobs")
 ATTENTION_SENTENCES = 4  # montage sentences whose content tokens' attention maps are drawn
+ROUND_TRIP_EXAMPLES = 20  # held-out sentences and their paraphrases in the W&B table
 
 
 class VisualLatentText(MethodModule):
@@ -112,6 +128,10 @@ class VisualLatentText(MethodModule):
             token (each is fed as BOS: ``modules.networks.text_decoder.hide_tokens``), so that no content
             word it writes can be copied from an earlier mention (not in the spec); vocab_mask: restrict its
             outputs to the tokens of the training corpus.
+        round_trip_weight, copy_suppression_weight: delta of P5's ``L_cycle`` and rho of its ``L_copySuppress``
+            (``round_trip_terms``; spec 0.2 and 0.1, 0 before P5); best_of_k, top_p: the candidates drawn per
+            sentence by nucleus sampling inside the vocabulary mask (spec 4 and 0.9), in training and in every
+            evaluation of a decoder; copy_ngram: the n of the copied n-grams copy suppression penalizes.
         frozen: networks that do not train (P4: ``[encoder, readout]``); they also stay in eval mode.
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
@@ -119,7 +139,8 @@ class VisualLatentText(MethodModule):
             the spec's objective): a linear head on ``z`` must give every word of each view, and with
             bag_of_words_ngrams > 1 its n-grams, hashed into bag_of_words_buckets buckets.
         alpha_range: channels whose spectral slope lies here count as image-like.
-        lr, betas, weight_decay, warmup_steps, min_lr_factor, compile: see ``modules.method_base``.
+        lr, betas, weight_decay, warmup_steps, min_lr_factor, compile: see ``modules.method_base``; decoder_lr:
+            the decoder's own peak learning rate (P5: 1e-4 beside the encoder's 2e-4; ``None``: ``lr``).
         init_from, init_prefixes: a checkpoint (e.g. the end of P1) whose weights, and tokenizer, start
             this run (``modules.method_base.MethodModule.load_initial_weights``).
     """
@@ -187,8 +208,14 @@ class VisualLatentText(MethodModule):
         decoder_weight: float = 1.0,
         decoder_hides_content: bool = False,
         vocab_mask: bool = True,
+        round_trip_weight: float = 0.0,
+        copy_suppression_weight: float = 0.0,
+        best_of_k: int = 4,
+        top_p: float = 0.9,
+        copy_ngram: int = 4,
         frozen: tuple[str, ...] = (),
         lr: float = 2e-4,
+        decoder_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.01,
         warmup_steps: int = 1000,
@@ -202,6 +229,8 @@ class VisualLatentText(MethodModule):
         self.save_hyperparameters()
         if invariance_weight and not contrastive_weight:
             raise ValueError("invariance_weight needs contrastive_weight > 0: P3 builds on P2's readout z")
+        if (round_trip_weight or copy_suppression_weight) and not decoder_depth:
+            raise ValueError("round_trip_weight and copy_suppression_weight need a decoder (decoder_depth > 0)")
         if bag_of_words_weight and "readout" in frozen:
             raise ValueError("bag_of_words_weight shapes z, which a frozen readout (P4) keeps fixed: set it to 0")
         self.prior_weights = _checked_prior_weights(prior_weights)
@@ -339,9 +368,47 @@ class VisualLatentText(MethodModule):
                                              self.readout(latents[0]), self._allowed(), self._hidden())
             logs["train/decoder_ce"] = reconstruction_loss(logits, targets)
             loss = loss + hp.decoder_weight * logs["train/decoder_ce"]
+        if hp.round_trip_weight or hp.copy_suppression_weight:
+            terms = self.round_trip_terms(batch["view_a"], latents[0], self.readout(latents[0]))
+            loss = loss + hp.round_trip_weight * terms["cycle"] + hp.copy_suppression_weight * terms["copy_suppression"]
+            logs |= {f"train/{name}": value for name, value in terms.items()}
         self.log_dict(logs, on_step=True, on_epoch=False, sync_dist=False)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
+
+    def round_trip_terms(self, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Spec P5's ``L_cycle`` and ``L_copySuppress`` on the sentences ``ids [B, L]`` with latents ``v``, ``z``.
+
+        ``best_of_k`` candidates are drawn per sentence (nucleus sampling inside the vocabulary mask, no gradient)
+        and the one whose re-encoding is closest to ``z`` is chosen. ``L_cycle`` trains through the chosen
+        candidate two ways: ``1 - cos(g(V(x)), g(V(x_hat)))`` reaches the encoder and readout through both
+        encodings (``round_trip_latent``), and the decoder's cross-entropy of the candidate given ``V(x)``,
+        its words that complete a copied n-gram left out, reaches the decoder and, through ``V(x)``, the encoder
+        (``round_trip_likelihood``): the decoder learns to write what re-encodes closest. ``L_copySuppress`` is
+        unlikelihood on those copied words (``modules.losses.round_trip``)."""
+        hp = self.hparams
+        drawn = round_trip_candidates(self.decoder, self.embed, v, z, hp.best_of_k, hp.top_p, self._allowed(),
+                                      self._hidden(), length=written_length(ids.shape[1]))
+        latent = round_trip_cosine_loss(z, self.embed(chosen(drawn["ids"], drawn["best"])))
+        logits, targets = decoder_logits(self.decoder, chosen(drawn["candidates"], drawn["best"]), v, z,
+                                         self._allowed(), self._hidden())
+        copied = copied_ngram_ends(targets, ids, hp.copy_ngram)
+        likelihood = reconstruction_loss(logits, targets.masked_fill(copied, PAD_ID))
+        return {"cycle": latent + likelihood, "round_trip_latent": latent, "round_trip_likelihood": likelihood,
+                "copy_suppression": copy_unlikelihood(logits, targets, copied),
+                "copied_share": copied.float().sum() / (targets != PAD_ID).sum().clamp(min=1)}
+
+    def parameter_groups(self) -> list[dict]:
+        """The base's groups; with ``decoder_lr`` the decoder's parameters form groups of their own at that peak."""
+        groups = super().parameter_groups()
+        if self.hparams.decoder_lr is None or self.decoder is None:
+            return groups
+        decoder_params = {id(param) for param in self.decoder.parameters()}
+        rest = [group | {"params": [param for param in group["params"] if id(param) not in decoder_params]}
+                for group in groups]
+        decoder = [group | {"lr": self.hparams.decoder_lr}
+                   for group in decay_groups(self.decoder, self.hparams.weight_decay)]
+        return [group for group in rest + decoder if group["params"]]
 
     # ---- evaluation on held-out scenes -------------------------------------------------------
     def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -362,7 +429,22 @@ class VisualLatentText(MethodModule):
             outputs |= {f"decoding_{name}": values for name, values in decoding_rows(
                 self.decoder, self.readout, sentence, v_sentence, outputs["z"], self._allowed(),
                 self.content_kinds, batch["accepted"], batch["best_continuation"], self._hidden()).items()}
+            outputs["index"] = batch["index"]
+            outputs |= self._round_trip_rows(sentence.shape[1], v_sentence, outputs["z"])
         return outputs
+
+    def _round_trip_rows(self, width: int, v: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the decoder writes from held-out latents: greedy, and once P5's terms train, also the best of
+        ``best_of_k`` samples (the procedure they train; P4's decoder is trained for its argmax alone)."""
+        hp, length = self.hparams, written_length(width)
+        rows = greedy_round_trips(self.decoder, self.embed, v, z, self._allowed(), self._hidden(), length)
+        if hp.round_trip_weight or hp.copy_suppression_weight:
+            rows |= sampled_round_trips(self.decoder, self.embed, v, z, hp.best_of_k, hp.top_p, self._allowed(),
+                                        self._hidden(), length)
+        for name in ("greedy", "sampled"):  # one width for every batch, so that the split's rows concatenate
+            if name in rows:
+                rows[name] = F.pad(rows[name], (0, self.decoder.max_length - rows[name].shape[1]), value=PAD_ID)
+        return {f"round_trip_{name}": values for name, values in rows.items()}
 
     def evaluate(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
         v = outputs["v"].float()
@@ -386,13 +468,37 @@ class VisualLatentText(MethodModule):
             rows = {name.removeprefix("decoding_"): values for name, values in outputs.items()
                     if name.startswith("decoding_")}
             metrics |= summarize_decoding(rows)
+        round_trips = None
+        if self.decoder is not None and self._trainer is not None:
+            round_trip_metrics, round_trips = self._check_round_trips(split, outputs)
+            metrics |= round_trip_metrics
         if self._record_start_r1(split, float(metrics["r1"])):
             metrics["r1_below_start"] = self.start_r1 - metrics["r1"]
         # Identical on every rank (computed from gathered outputs), so no reduction is needed.
         self.log_dict({f"{split}/{name}": torch.as_tensor(value, dtype=torch.float32)
                        for name, value in metrics.items()}, sync_dist=False)
         attention = self._content_attention(outputs) if self.decoder is not None and self._trainer is not None else {}
-        self.latent_snapshot = _snapshot(v, stats, outputs, self.current_epoch, self.global_step, **attention)
+        self.latent_snapshot = _snapshot(v, stats, outputs, self.current_epoch, self.global_step, **attention,
+                                         round_trips=round_trips)
+
+    def _check_round_trips(self, split: str, outputs: dict) -> tuple[dict, list[dict]]:
+        """Spec P5's checker on the held-out sentences, for greedy decoding (names ending in ``_greedy``) and, when
+        ``_round_trip_rows`` drew them, the best of ``best_of_k`` samples; and the first ``ROUND_TRIP_EXAMPLES``
+        of the last of the two as table rows."""
+        data = self.trainer.datamodule
+        items = [data.eval_pack[split][index] for index in outputs["index"].tolist()]
+        sources, scenes = [item["sentence"] for item in items], [Scene.from_json(item["graph"]) for item in items]
+        metrics = {}
+        for kind, suffix in (("greedy", "_greedy"), ("sampled", "")):
+            if f"round_trip_{kind}" in outputs:
+                checks = check_round_trips(data.tokenizer, outputs[f"round_trip_{kind}"], sources, scenes)
+                cosines = outputs[f"round_trip_{kind}_cosine"]
+                metrics |= summarize_round_trips(checks, cosines, outputs[f"round_trip_{kind}_cosine_other"], scenes,
+                                                 suffix)
+        rows = zip(sources, checks["text"], checks["graph_f1"], checks["rouge_l"], cosines)
+        examples = [{"input": source, "output": text, "graph_f1": float(f1), "rouge_l": float(rouge),
+                     "cosine": float(cosine)} for source, text, f1, rouge, cosine in rows]
+        return metrics, examples[:ROUND_TRIP_EXAMPLES]
 
     @torch.no_grad()
     def _content_attention(self, outputs: dict, sentences: int = ATTENTION_SENTENCES) -> dict:
@@ -506,7 +612,8 @@ def _checked_prior_weights(weights: dict[str, float] | None) -> dict[str, float]
 
 
 def _snapshot(v: torch.Tensor, stats: dict, outputs: dict, epoch: int, step: int,
-              attention: torch.Tensor | None = None, attention_labels: list[str] | None = None) -> LatentSnapshot:
+              attention: torch.Tensor | None = None, attention_labels: list[str] | None = None,
+              round_trips: list[dict] | None = None) -> LatentSnapshot:
     """What the plots need, on the CPU: the montage sentences' latents and a paraphrase-group map."""
     z, z_paraphrase, z_counterfactual = outputs["z"], outputs["z_paraphrase"], outputs["z_counterfactual"]
     groups = torch.arange(len(z), device=z.device)
@@ -531,4 +638,5 @@ def _snapshot(v: torch.Tensor, stats: dict, outputs: dict, epoch: int, step: int
         global_step=step,
         attention=attention,
         attention_labels=attention_labels,
+        round_trips=round_trips,
     )

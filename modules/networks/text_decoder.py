@@ -14,6 +14,7 @@ the default.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -80,6 +81,29 @@ class DecoderBlock(nn.Module):
         queries = self.cross.query_norm(self.attend_to_prefix(x, mask))
         return self.cross.attention.weights(queries, self.cross.token_norm(memory), memory_mask(memory))
 
+    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention's keys and values of ``memory`` ``[B, heads, M, d]``, computed once per decoding."""
+        attention = self.cross.attention
+        return tuple(rearrange(attention.key_value(self.cross.token_norm(memory)), "b m (two h d) -> two b h m d",
+                               two=2, h=attention.heads))
+
+    def step(self, x: torch.Tensor, cache: list[torch.Tensor], memory_kv: tuple[torch.Tensor, torch.Tensor]
+             ) -> torch.Tensor:
+        """``forward`` for the newest position only, ``x [B, 1, dim]``, in eval mode: ``cache`` holds the keys and
+        values of the positions before it (extended in place), ``memory_kv`` the memory's
+        (``memory_keys_values``). Every position of a decoded prefix is real, so no mask is needed."""
+        attention = self.self_attention
+        q, k, v = attention._heads(*(2 * (self.self_norm(x),)), None)
+        if cache:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        cache[:] = [k, v]
+        x = x + attention.output(rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)"))
+        cross = self.cross
+        q = rearrange(cross.attention.query(cross.query_norm(x)), "b l (h d) -> b h l d", h=cross.attention.heads)
+        attended = F.scaled_dot_product_attention(q, *memory_kv)
+        x = x + cross.attention.output(rearrange(attended, "b h l d -> b l (h d)"))
+        return x + cross.ffn(cross.ffn_norm(x))
+
 
 def memory_mask(memory: torch.Tensor) -> torch.Tensor:
     """Every memory token is real."""
@@ -137,17 +161,60 @@ class LatentTextDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, v: torch.Tensor, z: torch.Tensor, bos_id: int, eos_id: int,
-                 allowed: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy decoding from the latent alone: ids ``[B, L]`` starting with ``bos_id``, each row padded
-        after its first ``eos_id``; at most ``max_length`` ids. ``allowed`` restricts the tokens written,
-        ``hidden`` ones are fed back as ``bos_id`` (``hide_tokens``)."""
-        ids = torch.full((len(v), 1), bos_id, dtype=torch.long, device=v.device)
-        finished = torch.zeros(len(v), dtype=torch.bool, device=v.device)
-        while ids.shape[1] < self.max_length and not bool(finished.all()):
-            logits = self(hide_tokens(ids, hidden, bos_id), v, z)[:, -1]
+                 allowed: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 length: int | None = None, copies: int = 1) -> torch.Tensor:
+        """Decoding from the latent alone: ids ``[B * copies, length]`` (``max_length`` by default; rows
+        ``b * copies`` to ``(b + 1) * copies - 1`` from latent ``b``) starting with ``bos_id``, each row padded
+        after its first ``eos_id``. Greedy, or with ``top_p`` nucleus sampling (Holtzman et al. 2020) from
+        ``generator``; ``allowed`` restricts the tokens written, before the nucleus is taken, ``hidden`` ones are
+        fed back as ``bos_id`` (``hide_tokens``). The decoder runs in eval mode (no dropout) with its keys and
+        values cached, so each step reads only the newest token, and the memory's keys and values are computed
+        once per latent, whatever the copies. Every row runs ``length`` steps: stopping once all rows have
+        ended would read the device from the host at every step."""
+        length = self.max_length if length is None else min(length, self.max_length)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._decode(v, z, bos_id, eos_id, allowed, hidden, top_p, generator, length, copies)
+        finally:
+            self.train(was_training)
+
+    def _decode(self, v, z, bos_id, eos_id, allowed, hidden, top_p, generator, length, copies) -> torch.Tensor:
+        memory = self.memory(v, z)
+        memory_kv = [tuple(values.repeat_interleave(copies, dim=0) for values in block.memory_keys_values(memory))
+                     for block in self.blocks]
+        caches: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        rows = len(v) * copies
+        ids = torch.full((rows, 1), bos_id, dtype=torch.long, device=v.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=v.device)
+        for position in range(length - 1):
+            x = self.token_embedding(hide_tokens(ids[:, -1:], hidden, bos_id)) + self.position_embedding[position]
+            for block, cache, kv in zip(self.blocks, caches, memory_kv):
+                x = block.step(x, cache, kv)
+            logits = self.to_logits(self.final_norm(x))[:, -1]
             if allowed is not None:
                 logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-            step = torch.where(finished, self.pad_id, logits.argmax(dim=-1))
+            chosen = logits.argmax(dim=-1) if top_p is None else sample_nucleus(logits, top_p, generator)
+            step = torch.where(finished, self.pad_id, chosen)
             ids = torch.cat([ids, step.unsqueeze(1)], dim=1)
             finished = finished | (step == eos_id)
         return ids
+
+
+def nucleus_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits [..., vocab]`` with every token outside the nucleus at ``-inf``: the smallest set of most likely
+    tokens whose probabilities sum to at least ``top_p`` (the most likely token always stays)."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probabilities = ordered.softmax(dim=-1)
+    outside_in_order = probabilities.cumsum(dim=-1) - probabilities >= top_p  # the mass before it is enough
+    outside = torch.zeros_like(outside_in_order).scatter(-1, order, outside_in_order)
+    return logits.masked_fill(outside, float("-inf"))
+
+
+def sample_nucleus(logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits [B, vocab]`` drawn from its nucleus (``nucleus_logits``)."""
+    probabilities = nucleus_logits(logits, top_p).softmax(dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
