@@ -28,7 +28,8 @@ class LatentSnapshot:
     - with a decoder (P4 on), ``attention`` [T, H, W] and ``attention_labels`` (T strings): the decoder's
       attention over the grid when it writes each content token of the first montage sentences;
     - with a decoder, ``round_trips``: rows ``{input, output, graph_f1, rouge_l, cosine}`` of the first held-out
-      sentences and the best of the candidates written from their latents (spec P5's checker).
+      sentences and what the decoder wrote from their latents (spec P5's checker): the best of the sampled
+      candidates once P5's terms train, else the greedy decoding.
 
     Tensors are detached and moved to the CPU here, so a snapshot never holds device memory or a graph.
     """

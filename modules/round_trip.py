@@ -33,8 +33,8 @@ def encoder_ids(generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder output ``BOS w_1 .. w_n EOS PAD ..`` ``[B, T]`` as encoder ids ``w_1 .. w_n PAD ..`` ``[B, T - 2]``
     and ``empty [B]``, the rows that wrote no word. The last position goes with the BOS: at the decoder's full
     length (the encoder's ``max_length + 2``) only EOS fits there, and a row that wrote a word there was cut off
-    anyway. An empty row is given one EOS, so that the encoder has a token to read; its embedding means nothing
-    and callers leave it out."""
+    anyway. An empty row is given one EOS, so that the encoder has a token to read; its embedding means nothing,
+    so the callers score it 0 or leave it out."""
     words = generated[:, 1:-1]
     ended = (words == EOS_ID).cumsum(dim=1) > 0
     ids = words.masked_fill(ended | (words == BOS_ID), PAD_ID)

@@ -16,7 +16,7 @@ content tokens are scored against what the sentence's meaning allows (``text.blo
 (``configs/p5_round_trip.yaml``) trains every network with the whole stack, adding ``delta * L_cycle`` and
 ``rho * L_copySuppress`` over the best of ``k`` sentences sampled from the latent (``round_trip_terms``); from P4
 on, every evaluation checks what the decoder writes from each held-out latent with the rule-based checker
-(``modules.round_trip``: Graph F1, ROUGE-L, round-trip cosine), greedy and best of ``k``.
+(``modules.round_trip``: Graph F1, ROUGE-L, round-trip cosine), greedy and, once P5's terms train, best of ``k``.
 
 Every prior is a per-sentence statistic, so a latent that ignores the text satisfies them all; the
 public attempt at this plan collapsed exactly so. ``text_variance_weight`` (on by default; 0 is the
@@ -130,8 +130,8 @@ class VisualLatentText(MethodModule):
             outputs to the tokens of the training corpus.
         round_trip_weight, copy_suppression_weight: delta of P5's ``L_cycle`` and rho of its ``L_copySuppress``
             (``round_trip_terms``; spec 0.2 and 0.1, 0 before P5); best_of_k, top_p: the candidates drawn per
-            sentence by nucleus sampling inside the vocabulary mask (spec 4 and 0.9), in training and in every
-            evaluation of a decoder; copy_ngram: the n of the copied n-grams copy suppression penalizes.
+            sentence by nucleus sampling inside the vocabulary mask (spec 4 and 0.9), in training and, once those
+            terms train, in evaluation; copy_ngram: the n of the copied n-grams copy suppression penalizes.
         frozen: networks that do not train (P4: ``[encoder, readout]``); they also stay in eval mode.
         counterfactual_negatives: add each scene's counterfactual to the negatives.
         vicreg_weight: optional VICReg variance + covariance terms on ``z``.
@@ -380,7 +380,8 @@ class VisualLatentText(MethodModule):
         """Spec P5's ``L_cycle`` and ``L_copySuppress`` on the sentences ``ids [B, L]`` with latents ``v``, ``z``.
 
         ``best_of_k`` candidates are drawn per sentence (nucleus sampling inside the vocabulary mask, no gradient)
-        and the one whose re-encoding is closest to ``z`` is chosen. ``L_cycle`` trains through the chosen
+        and the one whose re-encoding is closest to ``z`` is chosen (none, for a sentence whose every candidate
+        wrote no word: an empty sentence has no meaning to compare). ``L_cycle`` trains through the chosen
         candidate two ways: ``1 - cos(g(V(x)), g(V(x_hat)))`` reaches the encoder and readout through both
         encodings (``round_trip_latent``), and the decoder's cross-entropy of the candidate given ``V(x)``,
         its words that complete a copied n-gram left out, reaches the decoder and, through ``V(x)``, the encoder
@@ -389,11 +390,12 @@ class VisualLatentText(MethodModule):
         hp = self.hparams
         drawn = round_trip_candidates(self.decoder, self.embed, v, z, hp.best_of_k, hp.top_p, self._allowed(),
                                       self._hidden(), length=written_length(ids.shape[1]))
-        latent = round_trip_cosine_loss(z, self.embed(chosen(drawn["ids"], drawn["best"])))
+        kept = chosen(drawn["cosines"], drawn["best"]) > -2  # a sentence whose candidates all wrote no word: none
+        latent = round_trip_cosine_loss(z, self.embed(chosen(drawn["ids"], drawn["best"])), kept)
         logits, targets = decoder_logits(self.decoder, chosen(drawn["candidates"], drawn["best"]), v, z,
                                          self._allowed(), self._hidden())
         copied = copied_ngram_ends(targets, ids, hp.copy_ngram)
-        likelihood = reconstruction_loss(logits, targets.masked_fill(copied, PAD_ID))
+        likelihood = reconstruction_loss(logits, targets.masked_fill(copied | ~kept.unsqueeze(1), PAD_ID))
         return {"cycle": latent + likelihood, "round_trip_latent": latent, "round_trip_likelihood": likelihood,
                 "copy_suppression": copy_unlikelihood(logits, targets, copied),
                 "copied_share": copied.float().sum() / (targets != PAD_ID).sum().clamp(min=1)}

@@ -34,7 +34,7 @@ def test_teacher_forced_loss_by_hand():
     logits[0, 2] = torch.arange(6.0)
     expected = (-math.log(3 / 8) + -math.log(math.exp(10) / (math.exp(10) + 5))) / 2
     assert reconstruction_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="starting with BOS"):
+    with pytest.raises(ValueError, match="start every row with BOS"):
         teacher_forcing(torch.tensor([[5, EOS_ID]]))
 
 

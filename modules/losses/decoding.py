@@ -17,9 +17,14 @@ from text.tokenizer import BOS_ID, PAD_ID
 def teacher_forcing(framed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` of ids framed as ``BOS w_1 .. w_n EOS PAD ..`` ``[B, L]``: the inputs drop the
     last column, the targets the first (``targets[:, t]`` is the token after ``inputs[:, t]``)."""
-    if framed.dim() != 2 or framed.shape[1] < 2 or bool((framed[:, 0] != BOS_ID).any()):
-        raise ValueError(f"framed ids must be [B, L >= 2] with every row starting with BOS ({BOS_ID}), "
-                         f"got shape {tuple(framed.shape)}")
+    if framed.dim() != 2 or framed.shape[1] < 2:
+        raise ValueError(f"framed ids must be [B, L >= 2], got shape {tuple(framed.shape)}")
+    every_row_starts_with_bos = (framed[:, 0] == BOS_ID).all()
+    message = f"framed ids must start every row with BOS ({BOS_ID})"
+    if framed.device.type != "cpu":  # reading it on the host would stall an accelerator every step
+        torch._assert_async(every_row_starts_with_bos, message)
+    elif not every_row_starts_with_bos:
+        raise ValueError(f"{message}, got first column {framed[:, 0].tolist()}")
     return framed[:, :-1], framed[:, 1:]
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from text.tokenizer import EOS_ID, PAD_ID
 
+NO_OTHER_TOKEN = -1e4  # the logit a token stands in for the rest with, against -inf masked logits
+
 
 def copied_ngram_ends(sample: torch.Tensor, source: torch.Tensor, n: int) -> torch.Tensor:
     """Bool ``[B, L]``: where a token of ``sample [B, L]`` completes an n-gram of words (no PAD or EOS) that its
@@ -44,10 +46,14 @@ def ngram_overlap(sample: torch.Tensor, source: torch.Tensor, n: int) -> torch.T
 
 def copy_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, copied: torch.Tensor) -> torch.Tensor:
     """``mean over copied positions of -log(1 - p(target))`` for teacher-forced ``logits [B, L, vocab]`` on the
-    sample ``targets [B, L]``; 0 when nothing is copied. ``p`` is clamped below 1 so that a certain copy gives
-    a large finite penalty rather than an infinite one."""
-    log_p = logits.float().log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    penalty = -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
+    sample ``targets [B, L]``; 0 when nothing is copied. ``log(1 - p)`` is the log-sum-exp of every other
+    token's logit less that of all, so a near-certain copy keeps a finite penalty and its gradient (``1 - p``
+    rounded to 0 would lose both)."""
+    logits = logits.float()
+    target_at = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, targets.unsqueeze(-1), True)
+    # a finite fill: a row whose other tokens are all masked (-inf) would give NaN gradients at -inf
+    log_rest = logits.masked_fill(target_at, NO_OTHER_TOKEN).logsumexp(dim=-1)
+    penalty = logits.logsumexp(dim=-1) - log_rest  # -log(1 - p)
     return torch.where(copied, penalty, 0.0).sum() / copied.sum().clamp(min=1)
 
 
@@ -62,6 +68,8 @@ def best_of_k(z_source: torch.Tensor, z_candidates: torch.Tensor) -> tuple[torch
     return cosines.argmax(dim=1), cosines
 
 
-def round_trip_cosine_loss(z_source: torch.Tensor, z_chosen: torch.Tensor) -> torch.Tensor:
-    """``mean(1 - cos(g(V(x)), g(V(x_hat))))``: the round trip's latent term, through both encodings."""
-    return (1 - F.cosine_similarity(z_source, z_chosen, dim=-1)).mean()
+def round_trip_cosine_loss(z_source: torch.Tensor, z_chosen: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(g(V(x)), g(V(x_hat)))`` averaged over the ``kept [B]`` rows (0 when none is): the round trip's
+    latent term, through both encodings."""
+    distance = 1 - F.cosine_similarity(z_source, z_chosen, dim=-1)
+    return torch.where(kept, distance, 0.0).sum() / kept.sum().clamp(min=1)

@@ -91,7 +91,8 @@ class DecoderBlock(nn.Module):
              ) -> torch.Tensor:
         """``forward`` for the newest position only, ``x [B, 1, dim]``, in eval mode: ``cache`` holds the keys and
         values of the positions before it (extended in place), ``memory_kv`` the memory's
-        (``memory_keys_values``). Every position of a decoded prefix is real, so no mask is needed."""
+        (``memory_keys_values``). No position of a live row's decoded prefix is PAD (``generate`` never writes it),
+        so no mask is needed; an ended row's later positions are overwritten with PAD anyway."""
         attention = self.self_attention
         q, k, v = attention._heads(*(2 * (self.self_norm(x),)), None)
         if cache:
@@ -170,8 +171,8 @@ class LatentTextDecoder(nn.Module):
         ``generator``; ``allowed`` restricts the tokens written, before the nucleus is taken, ``hidden`` ones are
         fed back as ``bos_id`` (``hide_tokens``). The decoder runs in eval mode (no dropout) with its keys and
         values cached, so each step reads only the newest token, and the memory's keys and values are computed
-        once per latent, whatever the copies. Every row runs ``length`` steps: stopping once all rows have
-        ended would read the device from the host at every step."""
+        once per latent, whatever the copies. PAD and BOS are never written. Every row runs to ``length`` ids:
+        stopping once all rows have ended would read the device from the host at every step."""
         length = self.max_length if length is None else min(length, self.max_length)
         was_training = self.training
         self.eval()
@@ -193,6 +194,7 @@ class LatentTextDecoder(nn.Module):
             for block, cache, kv in zip(self.blocks, caches, memory_kv):
                 x = block.step(x, cache, kv)
             logits = self.to_logits(self.final_norm(x))[:, -1]
+            logits[:, [self.pad_id, bos_id]] = float("-inf")  # never written: every decoded position stays real
             if allowed is not None:
                 logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
             chosen = logits.argmax(dim=-1) if top_p is None else sample_nucleus(logits, top_p, generator)
@@ -207,7 +209,9 @@ def nucleus_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     tokens whose probabilities sum to at least ``top_p`` (the most likely token always stays)."""
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    ordered, order = logits.sort(dim=-1, descending=True)
+    if top_p == 1.0:  # the whole distribution; a rounded cumulative sum could cut its tail
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # ties at the edge: the lower id stays
     probabilities = ordered.softmax(dim=-1)
     outside_in_order = probabilities.cumsum(dim=-1) - probabilities >= top_p  # the mass before it is enough
     outside = torch.zeros_like(outside_in_order).scatter(-1, order, outside_in_order)
