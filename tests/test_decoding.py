@@ -24,6 +24,23 @@ from text.blocks.sentences import CONTENT_KINDS, FUNCTION_TOKEN, NO_SINGLE_KIND
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
+def small_decoder(seed: int, max_length: int = 6, depth: int = 1, dropout: float = 0.0) -> LatentTextDecoder:
+    """A decoder over 12 tokens reading a 2 x 4 x 4 latent, in eval mode unless it has dropout."""
+    torch.manual_seed(seed)
+    decoder = LatentTextDecoder(vocab_size=12, max_length=max_length, channels=2, grid_size=4, embedding_dim=3,
+                                dim=16, depth=depth, heads=2, ffn_dim=32, dropout=dropout)
+    return decoder if dropout else decoder.eval()
+
+
+def written_before_eos(ids: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, L - 1]``: the positions of ``ids[:, 1:]`` up to and including each row's first EOS."""
+    live = torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    for row, tokens in enumerate(ids[:, 1:].tolist()):
+        if EOS_ID in tokens:
+            live[row, tokens.index(EOS_ID) + 1:] = False
+    return live
+
+
 def test_teacher_forced_loss_by_hand():
     framed = torch.tensor([[BOS_ID, 5, EOS_ID, PAD_ID]])
     inputs, targets = teacher_forcing(framed)
@@ -107,9 +124,7 @@ def test_hidden_tokens_reach_the_decoder_as_bos_so_it_cannot_copy_them():
     assert hide_tokens(ids, hidden, BOS_ID).tolist() == [[BOS_ID, BOS_ID, 5, BOS_ID, EOS_ID],
                                                          [BOS_ID, 6, BOS_ID, BOS_ID, PAD_ID]]
     assert hide_tokens(ids, None, BOS_ID) is ids
-    torch.manual_seed(3)
-    decoder = LatentTextDecoder(vocab_size=12, max_length=6, channels=2, grid_size=4, embedding_dim=3, dim=16,
-                                depth=1, heads=2, ffn_dim=32, dropout=0.0).eval()
+    decoder = small_decoder(3)
     v, z = torch.randn(2, 2, 4, 4), torch.randn(2, 3)
     # which hidden token stood in the prefix changes nothing downstream; a shown one does
     framed = torch.tensor([[BOS_ID, 4, 5, 6, EOS_ID]] * 2)
@@ -196,9 +211,7 @@ def test_content_tokens_are_the_color_shape_count_and_relation_words():
 
 
 def test_greedy_generation_follows_the_argmax_stops_at_eos_and_keeps_to_the_vocabulary():
-    torch.manual_seed(0)
-    decoder = LatentTextDecoder(vocab_size=12, max_length=6, channels=2, grid_size=4, embedding_dim=3, dim=16,
-                                depth=1, heads=2, ffn_dim=32, dropout=0.0).eval()
+    decoder = small_decoder(0)
     v, z = torch.randn(5, 2, 4, 4), torch.randn(5, 3)
     allowed = torch.zeros(12, dtype=torch.bool)
     allowed[[EOS_ID, 4, 5, 6]] = True
@@ -214,11 +227,7 @@ def test_greedy_generation_follows_the_argmax_stops_at_eos_and_keeps_to_the_voca
     prefix = ids[:, :-1].clone()
     prefix[prefix == PAD_ID] = EOS_ID  # positions after the end are not checked below
     logits = masked_logits(decoder(prefix, v, z), allowed)
-    live = torch.ones_like(ids[:, 1:], dtype=torch.bool)
-    for row in range(len(ids)):
-        tokens = ids[row, 1:].tolist()
-        if EOS_ID in tokens:
-            live[row, tokens.index(EOS_ID) + 1:] = False
+    live = written_before_eos(ids)
     assert torch.equal(logits.argmax(dim=-1)[live], ids[:, 1:][live])
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from modules.losses.round_trip import best_of_k, copied_ngram_ends, copy_unlikelihood, ngram_overlap
-from modules.networks.text_decoder import LatentTextDecoder, nucleus_logits
+from modules.networks.text_decoder import nucleus_logits
 from modules.round_trip import check_round_trips, encoder_ids, round_trip_cosines, summarize_round_trips
+from tests.test_decoding import small_decoder, written_before_eos
 from text.blocks import parse
 from text.blocks.checker import check_graph, fact_f1, graph_facts
 from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode, train_bpe
@@ -96,9 +97,7 @@ def test_the_nucleus_by_hand():
 
 
 def test_nucleus_sampling_never_leaves_the_vocabulary_mask_and_follows_the_decoder():
-    torch.manual_seed(0)
-    decoder = LatentTextDecoder(vocab_size=12, max_length=8, channels=2, grid_size=4, embedding_dim=3, dim=16,
-                                depth=2, heads=2, ffn_dim=32, dropout=0.1)
+    decoder = small_decoder(0, max_length=8, depth=2, dropout=0.1)
     v, z = torch.randn(64, 2, 4, 4), torch.randn(64, 3)
     allowed = torch.zeros(12, dtype=torch.bool)
     allowed[[EOS_ID, 4, 5, 6, 9]] = True
@@ -106,11 +105,8 @@ def test_nucleus_sampling_never_leaves_the_vocabulary_mask_and_follows_the_decod
     ids = decoder.generate(v, z, BOS_ID, EOS_ID, allowed, top_p=0.5, generator=generator)
     assert decoder.training  # sampled in eval mode, its mode restored
     assert ids.shape == (64, 8) and (ids[:, 0] == BOS_ID).all()
-    live = torch.ones_like(ids[:, 1:], dtype=torch.bool)
-    for row, tokens in enumerate(ids[:, 1:].tolist()):
-        if EOS_ID in tokens:
-            live[row, tokens.index(EOS_ID) + 1:] = False
-            assert all(token == PAD_ID for token in tokens[tokens.index(EOS_ID) + 1:])
+    live = written_before_eos(ids)
+    assert (ids[:, 1:][~live] == PAD_ID).all()
     assert allowed[ids[:, 1:][live]].all()
     assert len(set(ids[:, 1].tolist())) > 1  # it samples: not every row writes the argmax
     # every written token lies in the nucleus of the full (uncached) forward pass given its prefix
@@ -188,9 +184,7 @@ def test_round_trip_terms_reach_the_encoder_and_the_decoder_and_the_decoder_has_
 
 
 def test_cached_decoding_matches_the_full_forward_pass_at_every_step_with_copies_and_hidden_tokens():
-    torch.manual_seed(2)
-    decoder = LatentTextDecoder(vocab_size=12, max_length=7, channels=2, grid_size=4, embedding_dim=3, dim=16,
-                                depth=2, heads=2, ffn_dim=32, dropout=0.0).eval()
+    decoder = small_decoder(2, max_length=7, depth=2)
     v, z = torch.randn(3, 2, 4, 4), torch.randn(3, 3)
     hidden = torch.zeros(12, dtype=torch.bool)
     hidden[[5, 6]] = True
@@ -203,8 +197,5 @@ def test_cached_decoding_matches_the_full_forward_pass_at_every_step_with_copies
     prefix = greedy[:, :-1].masked_fill(greedy[:, :-1] == PAD_ID, EOS_ID)
     logits = decoder(torch.where(hidden[prefix], BOS_ID, prefix), v, z)
     logits[..., [PAD_ID, BOS_ID]] = float("-inf")
-    live = torch.ones_like(greedy[:, 1:], dtype=torch.bool)
-    for row, tokens in enumerate(greedy[:, 1:].tolist()):
-        if EOS_ID in tokens:
-            live[row, tokens.index(EOS_ID) + 1:] = False
+    live = written_before_eos(greedy)
     assert torch.equal(logits.argmax(dim=-1)[live], greedy[:, 1:][live])
