@@ -36,8 +36,7 @@ def encoder_ids(generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     anyway. An empty row is given one EOS, so that the encoder has a token to read; its embedding means nothing,
     so the callers score it 0 or leave it out."""
     words = generated[:, 1:-1]
-    ended = (words == EOS_ID).cumsum(dim=1) > 0
-    ids = words.masked_fill(ended | (words == BOS_ID), PAD_ID)
+    ids = words.masked_fill((words == EOS_ID).cumsum(dim=1) > 0, PAD_ID)
     empty = (ids == PAD_ID).all(dim=1)
     ids[:, 0] = torch.where(empty, EOS_ID, ids[:, 0])
     return ids, empty
@@ -48,18 +47,20 @@ def round_trip_candidates(decoder, embed, v: torch.Tensor, z: torch.Tensor, k: i
                           length: int | None = None, generator: torch.Generator | None = None) -> dict:
     """``k`` nucleus samples per sentence from its latent ``v [B, C, H, W]``, ``z [B, E]``, and the best:
 
-    ``candidates [B, k, T]`` (decoder ids), ``ids [B, k, T - 2]`` (encoder ids), ``cosines [B, k]`` to the
-    source's ``z`` (-2 for an empty candidate, so it is chosen only when all are empty), ``best [B]``. No
-    gradient: the choice is a selection, and the callers re-encode what they train through."""
+    ``candidates [B, k, T]`` (decoder ids), ``ids [B, k, T - 2]`` (encoder ids), ``z [B, k, E]`` (their
+    embeddings), ``empty [B, k]``, ``cosines [B, k]`` to the source's ``z`` (-2 for an empty candidate, so it is
+    chosen only when all are empty), ``best [B]``. No gradient: the choice is a selection, and the callers
+    re-encode what they train through."""
     with torch.no_grad():
         candidates = decoder.generate(v, z, BOS_ID, EOS_ID, allowed, hidden, top_p=top_p, generator=generator,
                                       length=length, copies=k)
         ids, empty = encoder_ids(candidates)
         z_candidates = embed(ids).view(len(v), k, -1)
         _, cosines = best_of_k(z, z_candidates)
-        cosines = cosines.masked_fill(empty.view(len(v), k), -2.0)
-    return {"candidates": candidates.view(len(v), k, -1), "ids": ids.view(len(v), k, -1), "cosines": cosines,
-            "best": cosines.argmax(dim=1)}
+        empty = empty.view(len(v), k)
+        cosines = cosines.masked_fill(empty, -2.0)
+    return {"candidates": candidates.view(len(v), k, -1), "ids": ids.view(len(v), k, -1), "z": z_candidates,
+            "empty": empty, "cosines": cosines, "best": cosines.argmax(dim=1)}
 
 
 def chosen(rows: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -95,8 +96,8 @@ def sampled_round_trips(decoder, embed, v: torch.Tensor, z: torch.Tensor, k: int
     (``round_trip_cosines``)."""
     generator = torch.Generator(v.device).manual_seed(seed)
     drawn = round_trip_candidates(decoder, embed, v, z, k, top_p, allowed, hidden, length, generator)
-    ids, empty = encoder_ids(chosen(drawn["candidates"], drawn["best"]))
-    return {"sampled": chosen(drawn["candidates"], drawn["best"])} | round_trip_cosines(z, embed(ids), empty, "sampled")
+    best = {name: chosen(drawn[name], drawn["best"]) for name in ("candidates", "z", "empty")}
+    return {"sampled": best["candidates"]} | round_trip_cosines(z, best["z"], best["empty"], "sampled")
 
 
 def check_round_trips(tokenizer, generated: torch.Tensor, sources: list[str], scenes: list[Scene]) -> dict:

@@ -390,7 +390,7 @@ class VisualLatentText(MethodModule):
         hp = self.hparams
         drawn = round_trip_candidates(self.decoder, self.embed, v, z, hp.best_of_k, hp.top_p, self._allowed(),
                                       self._hidden(), length=written_length(ids.shape[1]))
-        kept = chosen(drawn["cosines"], drawn["best"]) > -2  # a sentence whose candidates all wrote no word: none
+        kept = ~chosen(drawn["empty"], drawn["best"])  # a sentence whose candidates all wrote no word: none
         latent = round_trip_cosine_loss(z, self.embed(chosen(drawn["ids"], drawn["best"])), kept)
         logits, targets = decoder_logits(self.decoder, chosen(drawn["candidates"], drawn["best"]), v, z,
                                          self._allowed(), self._hidden())
