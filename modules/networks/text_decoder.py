@@ -94,7 +94,8 @@ class DecoderBlock(nn.Module):
         (``memory_keys_values``). No position of a live row's decoded prefix is PAD (``generate`` never writes it),
         so no mask is needed; an ended row's later positions are overwritten with PAD anyway."""
         attention = self.self_attention
-        q, k, v = attention._heads(*(2 * (self.self_norm(x),)), None)
+        normed = self.self_norm(x)
+        q, k, v = attention._heads(normed, normed, None)
         if cache:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         cache[:] = [k, v]
