@@ -61,7 +61,7 @@ from modules.losses.round_trip import copied_ngram_ends, copy_unlikelihood, roun
 from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
 from modules.networks.grid_head import GridCrossAttentionHead, TextToGrid
-from modules.networks.readout import MeanVarReadout
+from modules.networks.readout import READOUTS, AttentionReadout, MeanVarReadout
 from modules.networks.slot_splat import SlotSplatHead, SummedHeads, TokenSplatHead, rename_pre_painter_weights
 from modules.networks.text_decoder import LatentTextDecoder
 from modules.networks.text_encoder import EMBEDDING_INIT_STD, TOKEN_EMBEDDING_STD, TextTransformer
@@ -95,7 +95,8 @@ class VisualLatentText(MethodModule):
         vocab_size, max_length: linked from the datamodule.
         dim, depth, heads, ffn_dim, dropout, positions: the Transformer (spec: 384, 6, 8, 1536, 0.1).
         token_embedding_std: the standard deviation its token embeddings start from (1; 0.02, the earlier
-            default, leaves the token states alike at the start: ``modules.networks.text_encoder``).
+            default, leaves the token states alike at the start: ``modules.networks.text_encoder``);
+            position_embedding_std: the same for learned positions (0.02).
         grid_size, channels, query_channels, head_depth, head_ffn_dim, smoothing, coordinate_channels:
             the grid cross-attention head (spec: 32, 6, 64, 2, 768; smoothing head optional).
         latent_head: ``grid`` (the spec's grid cross-attention head), ``slots`` (its slot-attention variant,
@@ -108,6 +109,9 @@ class VisualLatentText(MethodModule):
             (``None``: the same; a narrower head reads linearly projected token states).
         embedding_dim, readout_hidden_dim, pool_levels: ``g(V)``, mean/var pooling over the whole
             map (level 1, the spec's form) and over n x n cells for each further level, then an MLP.
+        readout_kind: ``mean_variance`` (the spec's pooling, above) or ``attention`` (not in the spec: beside
+            the pooled statistics, readout_queries learned queries of width readout_query_dim attend over the
+            pixels, ``modules.networks.readout.AttentionReadout``; ``pool_levels: []`` leaves the queries alone).
         standardize_maps: the readout, and P4's decoder, see each map standardized, so that they read only the
             layout (``modules.networks.readout``); False is the spec's form, read raw.
         prior_weights: lambda per prior (spec: 0.5, 0.1, 0.1, 0.05, 0.05, 0.05).
@@ -158,6 +162,7 @@ class VisualLatentText(MethodModule):
         dropout: float = 0.1,
         positions: Literal["rope", "learned"] = "rope",
         token_embedding_std: float = TOKEN_EMBEDDING_STD,
+        position_embedding_std: float = EMBEDDING_INIT_STD,
         grid_size: int = 32,
         channels: int = 6,
         latent_head: Literal["grid", "slots", "grid_and_slots", "token_blobs", "grid_and_token_blobs"] = "grid",
@@ -174,6 +179,9 @@ class VisualLatentText(MethodModule):
         embedding_dim: int = 256,
         readout_hidden_dim: int = 512,
         pool_levels: tuple[int, ...] = (1,),
+        readout_kind: Literal["mean_variance", "attention"] = "mean_variance",
+        readout_queries: int = 8,
+        readout_query_dim: int = 64,
         standardize_maps: bool = False,
         prior_weights: dict[str, float] | None = None,
         target_alpha: float = 2.0,
@@ -236,9 +244,11 @@ class VisualLatentText(MethodModule):
         self.prior_weights = _checked_prior_weights(prior_weights)
         if latent_head not in LATENT_HEADS:
             raise ValueError(f"latent_head must be one of {LATENT_HEADS}, got {latent_head!r}")
+        if readout_kind not in READOUTS:
+            raise ValueError(f"readout_kind must be one of {READOUTS}, got {readout_kind!r}")
         # built before the heads, so that a seed initializes the networks as it did before the slot variant
         tokens = TextTransformer(vocab_size, max_length, dim, depth, heads, ffn_dim, dropout, positions, PAD_ID,
-                                 token_embedding_std)
+                                 token_embedding_std, position_embedding_std)
         heads_of_v = []
         if "grid" in latent_head:
             heads_of_v.append(GridCrossAttentionHead(
@@ -251,8 +261,10 @@ class VisualLatentText(MethodModule):
             heads_of_v.append(TokenSplatHead(head_dim or dim, grid_size, channels, *slot_scales))
         head = heads_of_v[0] if len(heads_of_v) == 1 else SummedHeads(*heads_of_v)
         self.encoder = TextToGrid(tokens, head)
-        self.readout = MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels),
-                                      standardize_maps)
+        self.readout = (MeanVarReadout(channels, embedding_dim, readout_hidden_dim, tuple(pool_levels), standardize_maps)
+                        if readout_kind == "mean_variance" else
+                        AttentionReadout(channels, grid_size, embedding_dim, readout_hidden_dim, tuple(pool_levels),
+                                         standardize_maps, readout_queries, readout_query_dim))
         # P1 has no loss on z: a trainable readout would be a parameter DDP waits for in vain.
         self.readout.requires_grad_(bool(contrastive_weight or bag_of_words_weight))
         self.bag_of_words = nn.Linear(embedding_dim, bag_of_words_buckets) if bag_of_words_weight else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modules.networks.grid_head import GridCrossAttentionHead, LocalSmoothing, TextToGrid, coordinate_grid
-from modules.networks.readout import MeanVarReadout, pooled_mean_variance, standardized_maps
+from modules.networks.readout import AttentionReadout, MeanVarReadout, pooled_mean_variance, standardized_maps
 from modules.networks.text_encoder import TextTransformer, apply_rotary, rotary_tables
 from tests.conftest import mean_cosine_between_rows
 
@@ -279,8 +279,10 @@ def test_readout_rejects_bad_input():
         MeanVarReadout(channels=6)(torch.randn(2, 5, 8, 8))
     with pytest.raises(ValueError, match="pool level 16"):
         MeanVarReadout(channels=6, pool_levels=(1, 16))(torch.randn(2, 6, 8, 8))
-    with pytest.raises(ValueError, match="pool_levels"):
+    with pytest.raises(ValueError, match="pool_levels must be a list of positive ints"):
         MeanVarReadout(channels=6, pool_levels=(0,))
+    with pytest.raises(ValueError, match="pool_levels must be a non-empty list"):
+        MeanVarReadout(channels=6, pool_levels=())
 
 
 def test_standardized_readout_reads_the_layout_only():
@@ -297,3 +299,46 @@ def test_standardized_readout_reads_the_layout_only():
     torch.testing.assert_close(standardized.var(dim=(-2, -1), correction=0), torch.ones(2, 3), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="standardize_maps leaves nothing for pool level 1"):
         MeanVarReadout(channels=3, pool_levels=(1,), standardize_maps=True)
+
+
+def test_attention_readout_ignores_brightness_and_rejects_bad_input():
+    torch.manual_seed(0)
+    readout = AttentionReadout(channels=3, grid_size=8, out_dim=8, hidden_dim=16, pool_levels=(1, 2),
+                               standardize_maps=True, queries=2, dim=16)
+    assert readout.mlp[0].in_features == 2 * 16 + 2 * 3 * (1 + 4)  # the queries' states, then the statistics
+    v = torch.randn(2, 3, 8, 8)
+    brightened = v * torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1) + torch.tensor([1.0, -4.0, 0.3]).view(1, 3, 1, 1)
+    assert readout(v).shape == (2, 8)
+    torch.testing.assert_close(readout(brightened), readout(v), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"\[B, 3, 8, 8\], got \(2, 3, 16, 16\)"):
+        readout(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="pool level 16 has more cells"):
+        AttentionReadout(channels=3, grid_size=8, pool_levels=(16,))
+    with pytest.raises(ValueError, match="standardize_maps leaves nothing for pool level 1"):
+        AttentionReadout(channels=3, grid_size=8, pool_levels=(1,), standardize_maps=True)
+
+
+def one_dot_maps(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[count, 1, 4, 4]`` maps, each zero but for one pixel at 1, and whether that pixel lies in the left half."""
+    places = torch.randint(0, 16, (count,), generator=generator)
+    maps = torch.zeros(count, 16).scatter_(1, places[:, None], 1.0).view(count, 1, 4, 4)
+    return maps, (places % 4 < 2).float()
+
+
+def test_attention_readout_learns_where_a_dot_lies():
+    """A single dot's half of the map: every map has the same whole-map mean and variance, which therefore say
+    nothing about it, while the queries' attention over placed pixels learns it."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    readout = AttentionReadout(channels=1, grid_size=4, out_dim=1, hidden_dim=32, queries=4, dim=16)
+    optimizer = torch.optim.Adam(readout.parameters(), lr=1e-2)
+    for _ in range(200):
+        maps, left = one_dot_maps(64, generator)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(readout(maps).squeeze(1), left)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    maps, left = one_dot_maps(256, generator)
+    with torch.no_grad():
+        accuracy = ((readout(maps).squeeze(1) > 0).float() == left).float().mean().item()
+    assert accuracy > 0.95

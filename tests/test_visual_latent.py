@@ -70,7 +70,9 @@ BAG_OF_BIGRAMS = {"latent_head": "grid_and_slots", "standardize_maps": True, "ba
 
 
 @pytest.mark.parametrize("head", [{}, {"latent_head": "grid_and_slots", "standardize_maps": True}, BAG_OF_BIGRAMS,
-                                  {"latent_head": "grid_and_token_blobs", "standardize_maps": True}])
+                                  {"latent_head": "grid_and_token_blobs", "standardize_maps": True},
+                                  {"latent_head": "grid_and_slots", "standardize_maps": True,
+                                   "readout_kind": "attention", "readout_queries": 8, "readout_query_dim": 32}])
 def test_p2_learns_to_retrieve_paraphrases(tmp_path, head):
     L.seed_everything(0)
     model, data = tiny(**head)
@@ -284,6 +286,9 @@ def test_token_embedding_std_reaches_the_encoder():
         model, _ = tiny(**({} if std is None else {"token_embedding_std": std}))
         table = model.encoder.encoder.token_embedding.weight[1:]
         assert 0.8 * expected < float(table.std()) < 1.2 * expected
+    for std, expected in ((None, 0.02), (1.0, 0.88)):  # unit scale truncated at +-2: std 0.88
+        model, _ = tiny(positions="learned", **({} if std is None else {"position_embedding_std": std}))
+        assert 0.9 * expected < float(model.encoder.encoder.position_embedding.std()) < 1.1 * expected
 
 
 def test_unknown_priors_and_a_bag_of_words_term_on_a_frozen_readout_are_rejected():
@@ -291,6 +296,8 @@ def test_unknown_priors_and_a_bag_of_words_term_on_a_frozen_readout_are_rejected
         tiny(prior_weights={"tvv": 0.1})
     with pytest.raises(ValueError, match="bag_of_words_weight shapes z, which a frozen readout"):
         tiny(bag_of_words_weight=1.0, frozen=("encoder", "readout"))
+    with pytest.raises(ValueError, match="readout_kind must be one of \\('mean_variance', 'attention'\\), got 'pool'"):
+        tiny(readout_kind="pool")
 
 
 @pytest.mark.parametrize("config", ["configs/p1_priors.yaml", "configs/p2_contrastive.yaml"])

@@ -147,12 +147,14 @@ class TextTransformer(nn.Module):
 
     Defaults are the spec's: 6 pre-LN layers of width 384, 8 heads, FFN 1536 with GELU, dropout 0.1,
     rotary or learned absolute positions, and a final LayerNorm; token embeddings start from
-    ``N(0, token_embedding_std^2)`` (``TOKEN_EMBEDDING_STD``; 0.02 is BERT's and GPT's).
+    ``N(0, token_embedding_std^2)`` (``TOKEN_EMBEDDING_STD``; 0.02 is BERT's and GPT's), learned positions from
+    ``N(0, position_embedding_std^2)`` truncated at +-2 (absolute bounds: nothing is cut at the default 0.02).
     """
 
     def __init__(self, vocab_size: int, max_length: int = 64, dim: int = 384, depth: int = 6, heads: int = 8,
                  ffn_dim: int = 1536, dropout: float = 0.1, positions: Literal["rope", "learned"] = "rope",
-                 pad_id: int = 0, token_embedding_std: float = TOKEN_EMBEDDING_STD) -> None:
+                 pad_id: int = 0, token_embedding_std: float = TOKEN_EMBEDDING_STD,
+                 position_embedding_std: float = EMBEDDING_INIT_STD) -> None:
         super().__init__()
         if positions not in ("rope", "learned"):
             raise ValueError(f"positions must be 'rope' or 'learned', got {positions!r}")
@@ -165,7 +167,7 @@ class TextTransformer(nn.Module):
         self.position_embedding = None
         if positions == "learned":
             self.position_embedding = nn.Parameter(torch.empty(max_length, dim))
-            nn.init.trunc_normal_(self.position_embedding, std=EMBEDDING_INIT_STD)
+            nn.init.trunc_normal_(self.position_embedding, std=position_embedding_std)
         else:
             cos, sin = rotary_tables(max_length, dim // heads)
             self.register_buffer("rotary_cos", cos, persistent=False)
