@@ -1,5 +1,6 @@
 """What a spec 004 encoder's latent holds: linear probes of a scene's content from ``z = g(V)``, from the
-whole grid ``V`` and, as the reference that has every word, from the sentence's bag of tokens.
+whole grid ``V``, from the mean of the Transformer's token states (what reaches the grid head) and, as the
+reference that has every word but not their order, from the sentence's bag of tokens.
 
     python benchmarks/latent_content.py --checkpoints p3=runs/p3_invariance_cpu/checkpoints/last.ckpt \
         --out FILE.json
@@ -8,10 +9,15 @@ A probe is a logistic regression per target, trained on the latents of the check
 views (its corpus, rebuilt from the checkpoint's data arguments) and scored on the held-out validation
 sentences and their paraphrases. Targets, read from each sentence by the corpus parser: which colors occur,
 which shapes occur, which (color, shape) groups occur (the binding of a color to its shape), and which
-relation names occur. The score is the area under the ROC curve averaged over a family's labels (0.5 is
-chance, 1 a perfect reading; torchmetrics' ``multilabel_auroc``). P4's decoder can only write what its latent
-holds, so a family the probe cannot read from ``V`` bounds P4's content accuracy. Prints a markdown table and
-writes ``{"results": [{"checkpoint", "features", "family", "auroc", ...}]}``.
+relation names occur, and which color is the subject of which relation (``r(a, b)``: a's color; the
+canonical relation, so the inverse voice names the same subject). The score is the area under the ROC curve
+averaged over a family's labels (0.5 is chance, 1 a perfect reading; torchmetrics' ``multilabel_auroc``).
+Who is related to whom gets a second score that colors alone cannot earn, ``role_accuracy``: over the held-out
+relations whose two groups differ in color, the share where the probe scores the subject's color above the
+reference's for that relation (0.5 is chance; a bag of tokens cannot tell "a on b" from "b on a"). P4's
+decoder can only write what its latent holds, so a family the probe cannot read from ``V`` bounds P4's
+content accuracy. Prints a markdown table and writes
+``{"results": [{"checkpoint", "features", "family", "auroc" (or, for family "role", "role_accuracy"), ...}]}``.
 """
 
 from __future__ import annotations
@@ -37,20 +43,22 @@ from text.blocks import COLORS, RELATIONS, SHAPES, parse
 from text.tokenizer import PAD_ID, trim_padding
 
 GROUPS = tuple((color, shape) for color in COLORS for shape in SHAPES)
-LABELS = {"color": COLORS, "shape": SHAPES, "color_shape": GROUPS, "relation": RELATIONS}
+SUBJECTS = tuple((relation, color) for relation in RELATIONS for color in COLORS)
+LABELS = {"color": COLORS, "shape": SHAPES, "color_shape": GROUPS, "relation": RELATIONS, "subject": SUBJECTS}
 OFFSETS = dict(zip(LABELS, itertools.accumulate((len(names) for names in LABELS.values()), initial=0)))
 FAMILIES = {family: slice(OFFSETS[family], OFFSETS[family] + len(names)) for family, names in LABELS.items()}
-FEATURES = ("z", "V", "bag_of_tokens")
+FEATURES = ("z", "V", "token_states", "bag_of_tokens")
 
 
 def content_labels(sentences: list[str]) -> torch.Tensor:
-    """``[N, labels]`` 0/1: the colors, shapes, (color, shape) groups and relation names of each parsed
-    sentence, in the column ranges of ``FAMILIES``."""
+    """``[N, labels]`` 0/1: the colors, shapes, (color, shape) groups, relation names and (relation, subject
+    color) pairs of each parsed sentence, in the column ranges of ``FAMILIES``."""
     labels = torch.zeros(len(sentences), sum(len(names) for names in LABELS.values()))
     for row, sentence in enumerate(sentences):
         scene = parse(sentence)
         named = {"color": [g.color for g in scene.groups], "shape": [g.shape for g in scene.groups],
-                 "color_shape": [g.ref for g in scene.groups], "relation": [r.name for r in scene.relations]}
+                 "color_shape": [g.ref for g in scene.groups], "relation": [r.name for r in scene.relations],
+                 "subject": [(r.name, r.subject[0]) for r in scene.relations]}
         for family, values in named.items():
             labels[row, [OFFSETS[family] + LABELS[family].index(value) for value in values]] = 1
     return labels
@@ -69,18 +77,44 @@ def load(checkpoint: str) -> tuple[VisualLatentText, BlocksTextDataModule]:
 
 @torch.no_grad()
 def features(model: VisualLatentText, ids: torch.Tensor, vocab_size: int, batch: int = 256) -> dict[str, torch.Tensor]:
-    zs, vs = [], []
+    zs, vs, states = [], [], []
     for start in range(0, len(ids), batch):
-        v = model.latent(trim_padding(ids[start:start + batch]))
+        chunk = trim_padding(ids[start:start + batch])
+        real = chunk != PAD_ID
+        v = model.latent(chunk)
         zs.append(model.readout(v))
         vs.append(v.flatten(1))
+        tokens = model.encoder.encoder(chunk, real) * real.unsqueeze(-1)
+        states.append(tokens.sum(1) / real.sum(1, keepdim=True))
     bag = ngram_bag(ids, PAD_ID, 1, vocab_size)
-    return {"z": torch.cat(zs), "V": torch.cat(vs), "bag_of_tokens": bag}
+    return {"z": torch.cat(zs), "V": torch.cat(vs), "token_states": torch.cat(states), "bag_of_tokens": bag}
+
+
+def role_pairs(sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every relation of a parsed sentence whose two groups differ in color: the sentence's row and the
+    ``subject``-family columns of (relation, subject color) and (relation, reference color)."""
+    rows, subject, reference = [], [], []
+    for row, sentence in enumerate(sentences):
+        for relation in parse(sentence).relations:
+            if relation.subject[0] != relation.reference[0]:
+                rows.append(row)
+                subject.append(SUBJECTS.index((relation.name, relation.subject[0])))
+                reference.append(SUBJECTS.index((relation.name, relation.reference[0])))
+    return torch.tensor(rows), torch.tensor(subject), torch.tensor(reference)
+
+
+def role_accuracy(scores: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+    """The share of ``role_pairs`` where the subject's column outscores the reference's (ties count half)."""
+    rows, subject, reference = pairs
+    roles = scores[:, FAMILIES["subject"]]
+    margin = roles[rows, subject] - roles[rows, reference]
+    return float((margin > 0).float().mean() + 0.5 * (margin == 0).float().mean())
 
 
 def probe_auroc(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                steps: int, seed: int) -> dict[str, float]:
-    """Per family, the macro AUROC of a multi-label logistic regression (standardized inputs, Adam, L2)."""
+                steps: int, seed: int, pairs: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Per family, the macro AUROC of a multi-label logistic regression (standardized inputs, Adam, L2), and
+    its ``role_accuracy`` on the test sentences' ``pairs``."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     torch.manual_seed(seed)
@@ -94,9 +128,10 @@ def probe_auroc(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
         optimizer.step()
     with torch.no_grad():
         scores = probe(test_x)
-    return {family: float(multilabel_auroc(scores[:, columns], test_y[:, columns].int(), columns.stop - columns.start,
-                                           average="macro"))
-            for family, columns in FAMILIES.items()}
+    return {**{family: float(multilabel_auroc(scores[:, columns], test_y[:, columns].int(),
+                                              columns.stop - columns.start, average="macro"))
+               for family, columns in FAMILIES.items()},
+            "role_accuracy": role_accuracy(scores, pairs)}
 
 
 def measure(name: str, checkpoint: str, examples: int, steps: int, seed: int) -> list[dict]:
@@ -117,21 +152,28 @@ def measure(name: str, checkpoint: str, examples: int, steps: int, seed: int) ->
     test = features(model, test_ids.reshape(-1, width), vocab)
     train_y = content_labels([sentences[i] for i in order.tolist()])
     test_y = content_labels(test_sentences)
+    pairs = role_pairs(test_sentences)
     rows = []
     for kind in FEATURES:
-        scores = probe_auroc(train[kind], train_y, test[kind], test_y, steps, seed)
-        rows += [{"checkpoint": name, "features": kind, "family": family, "auroc": auroc,
-                  "train_sentences": len(train_y), "test_sentences": len(test_y)} for family, auroc in scores.items()]
+        scores = probe_auroc(train[kind], train_y, test[kind], test_y, steps, seed, pairs)
+        accuracy = scores.pop("role_accuracy")
+        sizes = {"train_sentences": len(train_y), "test_sentences": len(test_y)}
+        rows += [{"checkpoint": name, "features": kind, "family": family, "auroc": auroc, **sizes}
+                 for family, auroc in scores.items()]
+        rows.append({"checkpoint": name, "features": kind, "family": "role", "role_accuracy": accuracy,
+                     "test_relations": len(pairs[0]), **sizes})
     print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| checkpoint | features | " + " | ".join(FAMILIES) + " |", "|---|---|" + "---|" * len(FAMILIES)]
+    scores = (*FAMILIES, "role")
+    lines = ["| checkpoint | features | " + " | ".join(scores) + " |", "|---|---|" + "---|" * len(scores)]
     keys = dict.fromkeys((r["checkpoint"], r["features"]) for r in rows)
     for checkpoint, kind in keys:
-        auroc = {r["family"]: r["auroc"] for r in rows if (r["checkpoint"], r["features"]) == (checkpoint, kind)}
-        lines.append(f"| {checkpoint} | {kind} | " + " | ".join(f"{auroc[f]:.3f}" for f in FAMILIES) + " |")
+        score = {r["family"]: r.get("auroc", r.get("role_accuracy"))
+                 for r in rows if (r["checkpoint"], r["features"]) == (checkpoint, kind)}
+        lines.append(f"| {checkpoint} | {kind} | " + " | ".join(f"{score[f]:.3f}" for f in scores) + " |")
     return "\n".join(lines)
 
 
