@@ -92,15 +92,19 @@ def features(model: VisualLatentText, ids: torch.Tensor, vocab_size: int, batch:
 
 def role_pairs(sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every relation of a parsed sentence whose two groups differ in color: the sentence's row and the
-    ``subject``-family columns of (relation, subject color) and (relation, reference color)."""
-    rows, subject, reference = [], [], []
+    ``subject``-family columns of (relation, subject color) and (relation, reference color). A pair whose
+    reference column is itself a true label (a chain ``on(a, b), on(b, c)``) is left out, since no score could
+    order it, and a pair is counted once per sentence."""
+    pairs = []
     for row, sentence in enumerate(sentences):
-        for relation in parse(sentence).relations:
-            if relation.subject[0] != relation.reference[0]:
-                rows.append(row)
-                subject.append(SUBJECTS.index((relation.name, relation.subject[0])))
-                reference.append(SUBJECTS.index((relation.name, relation.reference[0])))
-    return torch.tensor(rows), torch.tensor(subject), torch.tensor(reference)
+        relations = parse(sentence).relations
+        subjects = {(relation.name, relation.subject[0]) for relation in relations}
+        for relation in relations:
+            reference = (relation.name, relation.reference[0])
+            if relation.subject[0] != relation.reference[0] and reference not in subjects:
+                pairs.append((row, SUBJECTS.index((relation.name, relation.subject[0])), SUBJECTS.index(reference)))
+    rows, subject, reference = torch.tensor(sorted(set(pairs)), dtype=torch.long).reshape(-1, 3).unbind(1)
+    return rows, subject, reference
 
 
 def role_accuracy(scores: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:

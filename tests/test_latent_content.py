@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.latent_content import FAMILIES, SUBJECTS, content_labels, role_accuracy, role_pairs
@@ -23,9 +24,16 @@ def test_role_accuracy_counts_the_subject_above_the_reference_and_ties_as_half()
     sentences = ["a red ball is on a blue cube.", "a blue cube is under a red ball.",
                  "a green ring is left of a red ball."]
     pairs = role_pairs(sentences)
-    scores = torch.zeros(3, FAMILIES["subject"].stop)
+    scores = torch.zeros(content_labels(sentences).shape)
     roles = scores[:, FAMILIES["subject"]]  # a view: writing it writes scores
     roles[0, SUBJECTS.index(("on", "red"))] = 2.0  # right
     roles[1, SUBJECTS.index(("on", "blue"))] = 1.0  # wrong: the reference outscores the subject
     # the third sentence: every score 0, a tie
-    assert role_accuracy(scores, pairs) == (1 + 0 + 0.5) / 3
+    assert role_accuracy(scores, pairs) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_a_chain_of_one_relation_gives_no_pair_that_no_score_could_order():
+    # on(red, blue) and on(blue, green): (on, blue) is a true subject, so the first relation's pair is left out
+    _, subject, reference = role_pairs(["a red ball is on a blue cube and the blue cube is on a green ring."])
+    assert [(SUBJECTS[s], SUBJECTS[r]) for s, r in zip(subject, reference)] == [(("on", "blue"), ("on", "green"))]
+    assert role_pairs(["two red balls are on a red cube."])[0].numel() == 0
