@@ -1,5 +1,5 @@
 """What a spec 004 encoder's latent holds: linear probes of a scene's content from ``z = g(V)``, from the
-whole grid ``V``, from the mean of the Transformer's token states (what reaches the grid head) and, as the
+whole grid ``V``, from the mean of the Transformer's token states (the grid head reads each of them) and, as the
 reference that has every word but not their order, from the sentence's bag of tokens.
 
     python benchmarks/latent_content.py --checkpoints p3=runs/p3_invariance_cpu/checkpoints/last.ckpt \
@@ -81,11 +81,11 @@ def features(model: VisualLatentText, ids: torch.Tensor, vocab_size: int, batch:
     for start in range(0, len(ids), batch):
         chunk = trim_padding(ids[start:start + batch])
         real = chunk != PAD_ID
-        v = model.latent(chunk)
+        tokens = model.encoder.encoder(chunk, real)
+        v = model.encoder.paint(tokens, real)  # as model.latent(chunk), the Transformer run once
         zs.append(model.readout(v))
         vs.append(v.flatten(1))
-        tokens = model.encoder.encoder(chunk, real) * real.unsqueeze(-1)
-        states.append(tokens.sum(1) / real.sum(1, keepdim=True))
+        states.append((tokens * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True))
     bag = ngram_bag(ids, PAD_ID, 1, vocab_size)
     return {"z": torch.cat(zs), "V": torch.cat(vs), "token_states": torch.cat(states), "bag_of_tokens": bag}
 
@@ -102,7 +102,8 @@ def role_pairs(sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.
         for relation in relations:
             reference = (relation.name, relation.reference[0])
             if relation.subject[0] != relation.reference[0] and reference not in subjects:
-                pairs.append((row, SUBJECTS.index((relation.name, relation.subject[0])), SUBJECTS.index(reference)))
+                subject = SUBJECTS.index((relation.name, relation.subject[0]))
+                pairs.append((row, subject, SUBJECTS.index(reference)))
     rows, subject, reference = torch.tensor(sorted(set(pairs)), dtype=torch.long).reshape(-1, 3).unbind(1)
     return rows, subject, reference
 

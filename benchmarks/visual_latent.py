@@ -101,7 +101,8 @@ RECONSTRUCTED = 10  # held-out sentences whose reconstructions a decoder run rep
 # cosine gap per counterfactual kind, since the gate's averaged gap passes while one kind stays at 0 (whether
 # the latent tells who is related to whom: swapped relation arguments).
 REPORTED = ("r1", "cos_gap", *(f"cos_gap_{kind}" for kind in COUNTERFACTUAL_KINDS), "text_dependence",
-            "spatial_text_dependence", "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px", "content_accuracy",
+            "spatial_text_dependence", "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px",
+            "content_accuracy",
             "content_exact_accuracy", "content_exact_ceiling", "content_accuracy_shuffled",
             "content_accuracy_wrong_latent", "function_accuracy", "shuffle_ce_increase",
             "content_attention_entropy", *(f"content_accuracy_{kind}" for kind in CONTENT_KINDS),

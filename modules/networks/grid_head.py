@@ -120,4 +120,8 @@ class TextToGrid(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``V: [B, C, H, W]`` for ``ids: Long[B, L]`` and ``mask: Bool[B, L]`` (True = real token)."""
-        return self.head(self.token_projection(self.encoder(ids, mask)), mask)
+        return self.paint(self.encoder(ids, mask), mask)
+
+    def paint(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``V`` from the Transformer's token states ``[B, L, dim]``, for callers that also read the states."""
+        return self.head(self.token_projection(states), mask)

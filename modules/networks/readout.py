@@ -54,7 +54,7 @@ class MeanVarReadout(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if v.dim() != 4 or v.shape[1] != self.channels:
             raise ValueError(f"v must have shape [B, {self.channels}, H, W], got {tuple(v.shape)}")
-        check_cells_fit(self.pool_levels, min(v.shape[2:]), tuple(v.shape[2:]))
+        check_cells_fit(self.pool_levels, tuple(v.shape[2:]))
         return self.mlp(pooled_mean_variance(standardized_maps(v) if self.standardize_maps else v, self.pool_levels))
 
 
@@ -67,9 +67,9 @@ def checked_pool_levels(pool_levels: Sequence[int], standardize_maps: bool) -> t
     return tuple(pool_levels)
 
 
-def check_cells_fit(pool_levels: tuple[int, ...], side: int, grid: tuple[int, ...] | None = None) -> None:
-    if pool_levels and max(pool_levels) > side:
-        raise ValueError(f"pool level {max(pool_levels)} has more cells than v's grid {grid or (side, side)}")
+def check_cells_fit(pool_levels: tuple[int, ...], grid: tuple[int, ...]) -> None:
+    if pool_levels and max(pool_levels) > min(grid):
+        raise ValueError(f"pool level {max(pool_levels)} has more cells than v's grid {grid}")
 
 
 def pooled_feature_count(channels: int, pool_levels: tuple[int, ...]) -> int:
@@ -108,7 +108,7 @@ class AttentionReadout(nn.Module):
         self.channels = channels
         self.grid_size = grid_size
         self.pool_levels = checked_pool_levels(pool_levels, standardize_maps)
-        check_cells_fit(self.pool_levels, grid_size)
+        check_cells_fit(self.pool_levels, (grid_size, grid_size))
         self.standardize_maps = standardize_maps
         self.pixel = nn.Linear(channels, dim)
         self.rows = nn.Parameter(torch.randn(grid_size, 1, dim))
