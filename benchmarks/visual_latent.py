@@ -10,7 +10,8 @@ profile); ``p2`` starts from the last checkpoint of ``p1``, ``p2_scratch`` is th
 priors); ``p3`` starts from the last checkpoint of ``p2`` (or of ``p2_scratch`` without it), and
 ``p3_spec_raw`` is P3 with the spec's literal invariance term on raw ``z``; ``p4`` trains the decoder on the
 frozen encoder of ``p3`` (or ``p2``, ``p2_scratch``), and ``p4_seed1``, ``p4_seed2`` do the same under other
-seeds (the decoder's weights, the corpus and its draws; the encoder is the same). ``p2_spec_latent`` is the
+seeds (the decoder's weights, the corpus and its draws; the encoder is the same), and ``p4_pixel_memory`` reads
+``V`` as the spec flattens it, a memory token per pixel (the configs read 8 x 8 patches). ``p2_spec_latent`` is the
 main job with the spec's literal latent (the grid head alone, its maps read raw), ``p4_spec_latent`` P4 on it.
 ``p2_token_blobs`` is the main job with a Gaussian blob per token over the grid head's texture
 (``latent_head: grid_and_token_blobs``), ``p2_token_blobs_shapes`` the same with shape-flip negatives too, and
@@ -78,6 +79,7 @@ RUNS = {
     "p4": (P4, [], ("p3", "p2", "p2_scratch")),
     **{f"p4_seed{seed}": (P4, ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)],
                           ("p3", "p2", "p2_scratch")) for seed in (1, 2)},
+    "p4_pixel_memory": (P4, ["--model.init_args.decoder_patch_size", "1"], ("p3", "p2", "p2_scratch")),
     "p2_spec_latent": (P2, SPEC_LATENT, ()),
     "p4_spec_latent": (P4, SPEC_LATENT, ("p2_spec_latent",)),
     "p2_token_blobs": (P2, TOKEN_BLOBS, ()),

@@ -51,9 +51,11 @@ def _meaning_hits(logits: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
 
 def grid_attention(decoder, framed: torch.Tensor, v: torch.Tensor, z: torch.Tensor,
                    hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """The last block's attention ``[B, L + 1, H W]`` of each target's position in ``framed`` over the grid:
-    heads averaged, the ``z`` token dropped, the prefix's ``hidden`` tokens not shown (``decoder_logits``)."""
-    return decoder.cross_attention(hide_tokens(framed[:, :-1], hidden, BOS_ID), v, z).mean(dim=1)[..., 1:]
+    """The last block's attention ``[B, L + 1, H W]`` of each target's position in ``framed`` over the grid's
+    pixels: heads averaged, the ``z`` token dropped, a patch's weight shared by its pixels
+    (``LatentMemory.over_pixels``), the prefix's ``hidden`` tokens not shown (``decoder_logits``)."""
+    weights = decoder.cross_attention(hide_tokens(framed[:, :-1], hidden, BOS_ID), v, z).mean(dim=1)[..., 1:]
+    return decoder.memory.over_pixels(weights)
 
 
 @torch.no_grad()

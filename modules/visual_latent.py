@@ -127,7 +127,9 @@ class VisualLatentText(MethodModule):
             decoder_ffn_dim, decoder_dropout, pixel_mlp: its width and memory, decoder_token_embedding_std and
             decoder_memory_position_std the scales its token embeddings and its pixels' row and column embeddings
             start from (0.02 and 0.02; unit scale localizes its attention sooner and reads less content in
-            the CPU profile's steps: ``modules.networks.text_decoder``);
+            the CPU profile's steps: ``modules.networks.text_decoder``); decoder_patch_size: the decoder reads
+            ``V`` in square patches of this side, each one memory token (1: every pixel, the spec's flattened
+            ``V``; ``modules.networks.text_decoder.LatentMemory``);
             decoder_weight: gamma of ``L_dec``; decoder_hides_content: the decoder's prefix shows no content
             token (each is fed as BOS: ``modules.networks.text_decoder.hide_tokens``), so that no content
             word it writes can be copied from an earlier mention (not in the spec); vocab_mask: restrict its
@@ -213,6 +215,7 @@ class VisualLatentText(MethodModule):
         decoder_token_embedding_std: float = EMBEDDING_INIT_STD,
         decoder_memory_position_std: float = EMBEDDING_INIT_STD,
         pixel_mlp: bool = False,
+        decoder_patch_size: int = 1,
         decoder_weight: float = 1.0,
         decoder_hides_content: bool = False,
         vocab_mask: bool = True,
@@ -273,7 +276,8 @@ class VisualLatentText(MethodModule):
             self.decoder = LatentTextDecoder(vocab_size, max_length + 2, channels, grid_size, embedding_dim,
                                              decoder_dim, decoder_depth, decoder_heads, decoder_ffn_dim,
                                              decoder_dropout, pixel_mlp, PAD_ID, standardize_maps,
-                                             decoder_token_embedding_std, decoder_memory_position_std)
+                                             decoder_token_embedding_std, decoder_memory_position_std,
+                                             decoder_patch_size)
             # What the decoder may write and which of its tokens are content, from the training corpus.
             self.register_buffer("allowed_tokens", torch.ones(vocab_size, dtype=torch.bool))
             self.register_buffer("content_kinds", torch.full((vocab_size,), FUNCTION_TOKEN))

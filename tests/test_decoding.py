@@ -17,7 +17,7 @@ from modules.losses.decoding import (
     teacher_forcing,
     vocabulary_mask,
 )
-from modules.networks.text_decoder import LatentTextDecoder, hide_tokens
+from modules.networks.text_decoder import LatentMemory, LatentTextDecoder, hide_tokens
 from modules.visual_latent import content_kind_table
 from tests.conftest import mean_cosine_between_rows
 from text.blocks.sentences import CONTENT_KINDS, FUNCTION_TOKEN, NO_SINGLE_KIND
@@ -105,6 +105,31 @@ def test_decoder_is_causal_reads_the_layout_and_reports_its_attention():
     torch.testing.assert_close(weights.sum(dim=-1), torch.ones(2, 2, 4))
     with pytest.raises(ValueError, match=r"v must have shape \[B, C, 4, 4\]"):
         decoder(ids, torch.randn(2, 3, 5, 5), z)
+
+
+def test_patch_memory_reads_each_patch_as_one_token_and_spreads_its_attention_over_the_patch():
+    memory = LatentMemory(channels=2, grid_size=4, embedding_dim=3, dim=8, patch_size=2)
+    v = torch.zeros(1, 2, 4, 4)
+    v[0, 1, 3, 2] = 1.0  # a pixel of patch (1, 1), row-major patch 3
+    with torch.no_grad():
+        memory.pixel.weight.zero_()
+        memory.pixel.bias.zero_()
+        memory.pixel.weight[0, 2 * (1 * 2 + 0) + 1] = 1.0  # feature 0 reads channel 1 of the patch's pixel (1, 0)
+        memory.rows.zero_()
+        memory.columns.zero_()
+    tokens = memory(v, torch.zeros(1, 3))
+    assert tokens.shape == (1, 1 + 4, 8)
+    torch.testing.assert_close(tokens[0, 1:, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    on_patches = torch.tensor([[0.5, 0.0, 0.0, 0.5]])
+    pixels = memory.over_pixels(on_patches).view(4, 4)
+    expected = torch.zeros(4, 4)
+    expected[:2, :2] = expected[2:, 2:] = 0.125
+    torch.testing.assert_close(pixels, expected)
+    # one patch holds all the weight: spread over its 4 of 16 pixels, entropy log 4 / log 16 in pixel units
+    one_patch = attention_concentration(memory.over_pixels(torch.tensor([0.0, 1.0, 0.0, 0.0])))
+    torch.testing.assert_close(one_patch["entropy"], torch.tensor(0.5))
+    with pytest.raises(ValueError, match="patch_size must be a positive divisor of grid_size 4, got 3"):
+        LatentMemory(channels=2, grid_size=4, embedding_dim=3, dim=8, patch_size=3)
 
 
 def test_a_decoder_on_standardized_maps_reads_the_layout_only():
@@ -237,6 +262,7 @@ class FixedDecoder(torch.nn.Module):
     def __init__(self, predicted: torch.Tensor, vocab_size: int) -> None:
         super().__init__()
         self.logits = torch.nn.functional.one_hot(predicted, vocab_size).float() * 10
+        self.memory = LatentMemory(channels=2, grid_size=3, embedding_dim=4, dim=8)  # reads each pixel
 
     def forward(self, ids, v, z):
         return self.logits[:, : ids.shape[1]]

@@ -1,6 +1,7 @@
 """Spec 004 P4's decoder ``D_psi`` ("Bring in the Text Decoder"): a causal Transformer language model over
-token ids that cross-attends to the flattened latent grid ``V`` (each pixel a memory token with a learned
-2-D position) and to the pooled readout ``z`` (one more memory token).
+token ids that cross-attends to the flattened latent grid ``V`` (each pixel, or each square patch of pixels, a
+memory token with a learned 2-D position: ``LatentMemory``) and to the pooled readout ``z`` (one more memory
+token).
 
 Its token embeddings and the memory's row and column embeddings start at BERT's 0.02 by default. There the
 pre-LN blocks' branches (default ``Linear`` init, inputs at LayerNorm's scale) swamp them, so every decoder
@@ -30,22 +31,30 @@ def hide_tokens(inputs: torch.Tensor, hidden: torch.Tensor | None, bos_id: int) 
 
 
 class LatentMemory(nn.Module):
-    """``V [B, C, H, W]`` and ``z [B, E]`` -> memory ``[B, 1 + H W, dim]``: ``z`` projected as the first token,
-    then every pixel's ``C`` values projected (``Linear``, or with ``pixel_mlp`` the spec's "small MLP on V")
-    plus a row and a column embedding (from ``N(0, position_std^2)``). The pixel order is row-major, so memory
-    token ``1 + i W + j`` is pixel ``(i, j)``. With ``standardize_maps`` the pixels are read from each map
-    standardized (``modules.networks.readout.standardized_maps``), as a readout that sees only the layout reads
-    them."""
+    """``V [B, C, H, W]`` and ``z [B, E]`` -> memory ``[B, 1 + (H / p) (W / p), dim]``: ``z`` projected as the
+    first token, then every ``p x p`` patch's ``p p C`` values projected (``Linear``, or with ``pixel_mlp`` the
+    spec's "small MLP on V") plus a row and a column embedding (from ``N(0, position_std^2)``). ``p`` is
+    ``patch_size``: 1 (the default) reads each pixel as its own token, larger patches read a ViT's patch
+    embedding (Dosovitskiy et al. 2021), so that one memory token can hold a pattern spread over its patch
+    (not in the spec). The order is row-major, so memory token ``1 + i (W / p) + j`` is patch ``(i, j)``. With
+    ``standardize_maps`` the pixels are read from each map standardized
+    (``modules.networks.readout.standardized_maps``), as a readout that sees only the layout reads them."""
 
     def __init__(self, channels: int, grid_size: int, embedding_dim: int, dim: int, pixel_mlp: bool = False,
-                 standardize_maps: bool = False, position_std: float = EMBEDDING_INIT_STD) -> None:
+                 standardize_maps: bool = False, position_std: float = EMBEDDING_INIT_STD,
+                 patch_size: int = 1) -> None:
         super().__init__()
+        if patch_size < 1 or grid_size % patch_size:
+            raise ValueError(f"patch_size must be a positive divisor of grid_size {grid_size}, got {patch_size}")
         self.grid_size = grid_size
+        self.patch_size = patch_size
         self.standardize_maps = standardize_maps
-        self.pixel = (nn.Sequential(nn.Linear(channels, dim), nn.GELU(), nn.Linear(dim, dim)) if pixel_mlp
-                      else nn.Linear(channels, dim))
-        self.rows = nn.Parameter(torch.empty(grid_size, 1, dim))
-        self.columns = nn.Parameter(torch.empty(1, grid_size, dim))
+        values = channels * patch_size**2
+        self.pixel = (nn.Sequential(nn.Linear(values, dim), nn.GELU(), nn.Linear(dim, dim)) if pixel_mlp
+                      else nn.Linear(values, dim))
+        patches = grid_size // patch_size
+        self.rows = nn.Parameter(torch.empty(patches, 1, dim))
+        self.columns = nn.Parameter(torch.empty(1, patches, dim))
         for table in (self.rows, self.columns):
             nn.init.trunc_normal_(table, std=position_std)
         self.summary = nn.Linear(embedding_dim, dim)
@@ -55,8 +64,20 @@ class LatentMemory(nn.Module):
             raise ValueError(f"v must have shape [B, C, {self.grid_size}, {self.grid_size}], got {tuple(v.shape)}")
         if self.standardize_maps:
             v = standardized_maps(v)
-        pixels = self.pixel(rearrange(v, "b c h w -> b h w c")) + self.rows + self.columns
-        return torch.cat([self.summary(z).unsqueeze(1), rearrange(pixels, "b h w d -> b (h w) d")], dim=1)
+        patches = rearrange(v, "b c (h p1) (w p2) -> b h w (p1 p2 c)", p1=self.patch_size, p2=self.patch_size)
+        tokens = self.pixel(patches) + self.rows + self.columns
+        return torch.cat([self.summary(z).unsqueeze(1), rearrange(tokens, "b h w d -> b (h w) d")], dim=1)
+
+    def over_pixels(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weights over the patches ``[..., (H / p) (W / p)]`` as weights over the pixels ``[..., H W]`` (row-major),
+        each patch's weight shared evenly by its ``p^2`` pixels: a map over patches is read at pixel resolution,
+        so its entropy is in the same units as a pixel memory's and is never lower for being coarser."""
+        if self.patch_size == 1:
+            return weights
+        patches = self.grid_size // self.patch_size
+        grid = rearrange(weights, "... (h w) -> ... h w", h=patches) / self.patch_size**2
+        grid = grid.repeat_interleave(self.patch_size, dim=-2).repeat_interleave(self.patch_size, dim=-1)
+        return rearrange(grid, "... h w -> ... (h w)")
 
 
 class DecoderBlock(nn.Module):
@@ -121,12 +142,12 @@ class LatentTextDecoder(nn.Module):
                  dim: int = 384, depth: int = 4, heads: int = 8, ffn_dim: int = 1536, dropout: float = 0.1,
                  pixel_mlp: bool = False, pad_id: int = 0, standardize_maps: bool = False,
                  token_embedding_std: float = EMBEDDING_INIT_STD,
-                 memory_position_std: float = EMBEDDING_INIT_STD) -> None:
+                 memory_position_std: float = EMBEDDING_INIT_STD, patch_size: int = 1) -> None:
         super().__init__()
         self.max_length = max_length
         self.pad_id = pad_id
         self.memory = LatentMemory(channels, grid_size, embedding_dim, dim, pixel_mlp, standardize_maps,
-                                   memory_position_std)
+                                   memory_position_std, patch_size)
         self.token_embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
         nn.init.normal_(self.token_embedding.weight, std=token_embedding_std)
         with torch.no_grad():
