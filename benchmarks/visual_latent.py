@@ -19,7 +19,9 @@ main job with the spec's literal latent (the grid head alone, its maps read raw)
 shape-flip negatives, ``p2_decoder`` the main job with P4's decoder and its loss (``L_dec``) trained beside InfoNCE,
 and ``p4_shapes``, ``p4_after_p2_decoder`` P4 on each (a fresh decoder, the default data);
 ``p2_decoder_hiding_content`` is ``p2_decoder`` with no content word shown in its decoder's prefix (none can
-be copied from it), ``p4_after_p2_decoder_hiding_content`` P4 on it. ``p5`` trains every network of ``p4``
+be copied from it), ``p4_after_p2_decoder_hiding_content`` P4 on it. ``p2_token_warmup`` trains P2's Transformer
+alone on P2's InfoNCE (``modules.token_contrastive``; no gate), ``p2_warm`` is the main job started from its
+Transformer (rotary positions), ``p4_warm`` P4 on that. ``p5`` trains every network of ``p4``
 with P5's loss stack (round trip and copy suppression), ``p5_seed1`` and ``p5_seed2`` the same from the same P4
 checkpoint under other seeds. Prints a markdown table of every gate
 criterion's value and writes
@@ -55,6 +57,9 @@ P2 = ["configs/p2_contrastive.yaml", "configs/profiles/p2_contrastive_cpu.yaml"]
 P3 = ["configs/p3_invariance.yaml", "configs/profiles/p3_invariance_cpu.yaml"]
 P4 = ["configs/p4_decoder.yaml", "configs/profiles/p4_decoder_cpu.yaml"]
 P5 = ["configs/p5_round_trip.yaml", "configs/profiles/p5_round_trip_cpu.yaml"]
+TOKEN_WARMUP = ["configs/p2_token_warmup.yaml", "configs/profiles/p2_token_warmup_cpu.yaml"]
+# P2 and P4 on the warm-started Transformer: its rotary positions, and P2 reads only the Transformer of the warm-up.
+ROPE = ["--model.init_args.positions", "rope"]
 # The spec's literal latent: the grid head alone, read with each map's brightness and contrast (the configs'
 # default is slot blobs over that texture, read through standardized maps).
 SPEC_LATENT = ["--model.init_args.latent_head", "grid", "--model.init_args.standardize_maps", "false"]
@@ -92,6 +97,9 @@ RUNS = {
     "p4_after_p2_decoder": (P4, [], ("p2_decoder",)),
     "p2_decoder_hiding_content": (P2, [*P2_DECODER, "--model.init_args.decoder_hides_content", "true"], ()),
     "p4_after_p2_decoder_hiding_content": (P4, [], ("p2_decoder_hiding_content",)),
+    "p2_token_warmup": (TOKEN_WARMUP, [], ()),
+    "p2_warm": (P2, [*ROPE, "--model.init_args.init_prefixes", "[encoder.encoder.]"], ("p2_token_warmup",)),
+    "p4_warm": (P4, ROPE, ("p2_warm",)),
     "p5": (P5, [], ("p4",)),
     **{f"p5_seed{seed}": (P5, ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)], ("p4",))
        for seed in (1, 2)},
@@ -143,13 +151,16 @@ def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str], 
     start = time.perf_counter()
     cli = cli_main(args)
     seconds = time.perf_counter() - start
-    report = json.loads((root / "gate_report.json").read_text())
+    gated = (root / "gate_report.json").exists()  # the warm-up of P2's Transformer has no gate
+    report = json.loads((root / "gate_report.json").read_text()) if gated else {
+        "phase": "P2 warm-up", "passed": None, "evaluations": None, "global_step": cli.trainer.global_step,
+        "criteria": []}
     last = cli.trainer.callback_metrics
     result = {"run": name, "seed": seed, "phase": report["phase"], "passed": report["passed"],
               "evaluations": report["evaluations"], "global_step": report["global_step"],
               "wall_seconds": seconds, "criteria": report["criteria"],
               "metrics": {key: float(last[f"val/{key}"]) for key in REPORTED if f"val/{key}" in last}}
-    if cli.model.decoder is not None:
+    if getattr(cli.model, "decoder", None) is not None:
         result["reconstructions"] = reconstructions(cli, root)
         with (root / "plots" / "round_trips_latest.csv").open() as rows:
             result["round_trips"] = list(csv.DictReader(rows))

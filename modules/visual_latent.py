@@ -48,7 +48,7 @@ from modules.latent_decoding import summarize as summarize_decoding
 from modules.latent_jitter import jitter, shift_robustness
 from modules.latent_snapshot import LatentSnapshot
 from modules.losses.bag_of_words import bag_of_words_loss, ngram_bag
-from modules.losses.contrastive import info_nce, invariance_loss, vicreg_regularizer
+from modules.losses.contrastive import invariance_loss, symmetric_info_nce, vicreg_regularizer
 from modules.losses.decoding import reconstruction_loss, vocabulary_mask
 from modules.losses.image_priors import (
     PRIOR_NAMES,
@@ -337,12 +337,9 @@ class VisualLatentText(MethodModule):
         """Symmetric InfoNCE over the global batch: each view's positive is the other view of its
         scene; every other scene's views (all ranks) and the counterfactuals are negatives."""
         rank = self.global_rank if self._trainer is not None else 0
-        positive = torch.arange(len(z_a), device=z_a.device) + rank * len(z_a)
-        all_a, all_b = gather_with_gradients(self, z_a), gather_with_gradients(self, z_b)
-        extra = [gather_with_gradients(self, z_negative)] if z_negative is not None else []
-        temperature = self.hparams.temperature
-        return 0.5 * (info_nce(z_a, torch.cat([all_b, *extra]), positive, temperature)
-                      + info_nce(z_b, torch.cat([all_a, *extra]), positive, temperature))
+        negatives = None if z_negative is None else gather_with_gradients(self, z_negative)
+        return symmetric_info_nce(z_a, z_b, gather_with_gradients(self, z_a), gather_with_gradients(self, z_b),
+                                  negatives, rank * len(z_a), self.hparams.temperature)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams

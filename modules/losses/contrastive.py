@@ -21,6 +21,17 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, positive_index: torch.Te
     return F.cross_entropy(logits, positive_index)
 
 
+def symmetric_info_nce(z_a: torch.Tensor, z_b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor,
+                       negatives: torch.Tensor | None, offset: int, temperature: float = 0.07) -> torch.Tensor:
+    """P2's InfoNCE over a global batch, both ways: each view ``z_a[i]`` (``z_b[i]``) has the other view of its
+    scene, row ``offset + i`` of ``all_b`` (``all_a``: every rank's views, this rank's from ``offset``), as its
+    positive; every other scene's views and the extra ``negatives`` (e.g. the counterfactuals) are negatives."""
+    positive = torch.arange(len(z_a), device=z_a.device) + offset
+    extra = [] if negatives is None else [negatives]
+    return 0.5 * (info_nce(z_a, torch.cat([all_b, *extra]), positive, temperature)
+                  + info_nce(z_b, torch.cat([all_a, *extra]), positive, temperature))
+
+
 def vicreg_regularizer(z: torch.Tensor, std_target: float = 1.0, eps: float = 1e-4) -> dict[str, torch.Tensor]:
     """VICReg's variance and covariance terms on one branch (Bardes et al. 2022, eq. 1 and 3):
     hinge on each dimension's std across the batch, and squared off-diagonal covariances / D."""
