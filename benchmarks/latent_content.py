@@ -182,8 +182,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe_main(description: str, measure, table) -> None:
+    """The command line of the checkpoint probes (this one and ``benchmarks/token_roles.py``): ``measure(name,
+    path, examples, steps, seed)`` gives each checkpoint's rows, ``table(rows)`` prints them; ``--out`` gets the
+    JSON record."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=PATH")
     parser.add_argument("--examples", type=int, default=12000, help="training views the probes fit on")
     parser.add_argument("--steps", type=int, default=1500)
@@ -201,6 +204,10 @@ def main() -> None:
     print(table(rows))
     write_record(args.out, {"results": rows, "examples": args.examples, "steps": args.steps, "seed": args.seed},
                  args.threads)
+
+
+def main() -> None:
+    probe_main(__doc__, measure, table)
 
 
 if __name__ == "__main__":

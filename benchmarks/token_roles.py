@@ -22,7 +22,6 @@ token is the first color word: it holds the roles, as a combination of the voice
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch
 import torch.nn.functional as F
 
-from benchmarks.latent_content import load
-from benchmarks.record import write_record
+from benchmarks.latent_content import load, probe_main
 from modules.losses.bag_of_words import ngram_bag
 from text.blocks import COLORS, parse
 from text.tokenizer import PAD_ID, trim_padding
@@ -165,24 +163,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=PATH")
-    parser.add_argument("--examples", type=int, default=12000, help="training views the probes' tokens come from")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = []
-    for entry in args.checkpoints:
-        name, sep, path = entry.partition("=")
-        if not sep or not Path(path).is_file():
-            raise SystemExit(f"--checkpoints wants NAME=PATH with an existing checkpoint file, got {entry!r}")
-        rows += measure(name, path, args.examples, args.steps, args.seed)
-    print(table(rows))
-    write_record(args.out, {"results": rows, "examples": args.examples, "steps": args.steps, "seed": args.seed},
-                 args.threads)
+    probe_main(__doc__, measure, table)
 
 
 if __name__ == "__main__":
