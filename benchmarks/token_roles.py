@@ -8,15 +8,17 @@ The sentences probed name two groups of different colors and one relation betwee
 tubes are held up by two green balls": ``on(blue tubes, green balls)``). Every occurrence of either color
 word is an example, labeled 1 when its group is the relation's subject (the canonical relation, so the inverse
 voice, "green balls hold up blue tubes", names the same subject). A probe reads the label from the token's
-state after each block of the Transformer (``layer_0`` is the token and position embedding the first block
-reads); it is trained on the checkpoint's own training views and scored on the held-out validation sentences
-and their paraphrases. Order alone cannot earn the score: in the active voice the subject comes first, in the
-inverse voice second, so the score is the accuracy averaged over the two (``balanced``: 0.5 for a reader of
-order or of the color alone, 1 for a reader of the roles). ``subject_first`` and ``subject_second`` are the
-two accuracies it averages. The reference ``order_and_words`` is the sentence's bag of tokens beside whether the
-token is the first color word: it holds the roles, as a combination of the voice and the order that only the
-``mlp`` probe can form, and so shows what the probes read when the roles are there. Two probes per layer: logistic regression (``linear``) and one hidden layer of 256
-(``mlp``), which can combine order and voice where a linear probe cannot. Prints a markdown table and writes
+state after each block ``k`` of the Transformer (``layer_k``; the last one before the final LayerNorm) and
+before the first (``layer_0``: the token embeddings, plus learned positions where the encoder has them). It is
+trained on the checkpoint's own training views and scored on the held-out validation sentences and their
+paraphrases. Order alone cannot earn the score: in the active voice the subject comes first, in the inverse
+voice second, so the score is the accuracy averaged over the two (``balanced``: 0.5 for a reader of order or of
+the color alone, 1 for a reader of the roles). ``subject_first`` and ``subject_second`` are the two accuracies
+it averages. Two probes per layer: logistic regression (``linear``) and one hidden layer of 256 (``mlp``), which
+can combine order and voice where a linear probe cannot. The reference ``order_and_words`` is the sentence's
+bag of tokens beside whether the token is the first color word: it holds the roles, as a combination of the
+voice and the order that only the ``mlp`` probe can form, and so shows what the probes read when the roles are
+there. Prints a markdown table and writes
 ``{"results": [{"checkpoint", "layer", "probe", "balanced", "subject_first", "subject_second", ...}]}``.
 """
 
@@ -73,8 +75,8 @@ def role_tokens(sentences: list[str], ids: torch.Tensor, colors: dict[int, str])
 
 @torch.no_grad()
 def layer_states(model, ids: torch.Tensor, tokens: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
-    """The states ``[T, dim]`` at ``tokens``' positions after each block (``layer_k``) and before the first
-    (``layer_0``), read with forward hooks on the checkpoint's Transformer."""
+    """The states ``[T, dim]`` at ``tokens``' positions after each block (``layer_k``, before the final LayerNorm)
+    and before the first (``layer_0``), read with forward hooks on the checkpoint's Transformer."""
     transformer = model.encoder.encoder
     captured: list[torch.Tensor] = []
     modules = [transformer.embedding_dropout, *transformer.blocks]

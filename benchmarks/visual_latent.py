@@ -110,7 +110,7 @@ RECONSTRUCTED = 10  # held-out sentences whose reconstructions a decoder run rep
 # Read at the last validation beside the gate: where the latent's across-sentence variance lies, and the
 # cosine gap per counterfactual kind, since the gate's averaged gap passes while one kind stays at 0 (whether
 # the latent tells who is related to whom: swapped relation arguments).
-REPORTED = ("r1", "cos_gap", *(f"cos_gap_{kind}" for kind in COUNTERFACTUAL_KINDS), "text_dependence",
+REPORTED = ("r1", "r1_with_counterfactuals", "cos_gap", *(f"cos_gap_{kind}" for kind in COUNTERFACTUAL_KINDS), "text_dependence",
             "spatial_text_dependence", "template_share", "shift_cos_1px", "shift_cos_2px", "shift_cos_4px",
             "content_accuracy",
             "content_exact_accuracy", "content_exact_ceiling", "content_accuracy_shuffled",
@@ -153,7 +153,7 @@ def run(name: str, workdir: Path, seed: int, extra: list[str], done: list[str], 
     seconds = time.perf_counter() - start
     gated = (root / "gate_report.json").exists()  # the warm-up of P2's Transformer has no gate
     report = json.loads((root / "gate_report.json").read_text()) if gated else {
-        "phase": "P2 warm-up", "passed": None, "evaluations": None, "global_step": cli.trainer.global_step,
+        "phase": "no gate", "passed": None, "evaluations": None, "global_step": cli.trainer.global_step,
         "criteria": []}
     last = cli.trainer.callback_metrics
     result = {"run": name, "seed": seed, "phase": report["phase"], "passed": report["passed"],

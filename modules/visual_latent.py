@@ -77,7 +77,7 @@ from modules.round_trip import (
 )
 from text.blocks import COUNTERFACTUAL_KINDS, Scene
 from text.blocks.sentences import FUNCTION_TOKEN, NO_SINGLE_KIND, content_words, content_words_by_kind
-from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, word_set_majorities
+from text.tokenizer import BOS_ID, EOS_ID, PAD_ID, join_padded, word_set_majorities
 
 SPEC_PRIOR_WEIGHTS = {"spectrum": 0.5, "tv": 0.1, "wavelet": 0.1, "grad_kurtosis": 0.05, "cov": 0.05,
                       "var": 0.05}
@@ -125,7 +125,7 @@ class VisualLatentText(MethodModule):
             cutout_size: the jitter ``T`` (spec 0.5, 2 px; mild blur, small cutout).
         decoder_depth: blocks of P4's decoder (0: none, P1 to P3); decoder_dim, decoder_heads,
             decoder_ffn_dim, decoder_dropout, pixel_mlp: its width and memory, decoder_token_embedding_std and
-            decoder_memory_position_std the scales its token embeddings and its pixels' row and column embeddings
+            decoder_memory_position_std the scales its token embeddings and its memory's row and column embeddings
             start from (0.02 and 0.02; unit scale localizes its attention sooner and reads less content in
             the CPU profile's steps: ``modules.networks.text_decoder``); decoder_patch_size: the decoder reads
             ``V`` in square patches of this side, each one memory token (1: every pixel, the spec's flattened
@@ -315,9 +315,8 @@ class VisualLatentText(MethodModule):
 
     def _latents_of(self, *id_batches: torch.Tensor) -> list[torch.Tensor]:
         """One encoder pass over several batches of ids of different lengths."""
-        length = max(ids.shape[-1] for ids in id_batches)
-        ids = torch.cat([F.pad(ids, (0, length - ids.shape[-1]), value=PAD_ID) for ids in id_batches])
-        return list(self.latent(ids).split([len(ids) for ids in id_batches]))
+        ids, sizes = join_padded(*id_batches)
+        return list(self.latent(ids).split(sizes))
 
     # ---- losses ----------------------------------------------------------------------------
     def prior_loss(self, v: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -110,7 +110,7 @@ def test_decoder_is_causal_reads_the_layout_and_reports_its_attention():
 def test_patch_memory_reads_each_patch_as_one_token_and_spreads_its_attention_over_the_patch():
     memory = LatentMemory(channels=2, grid_size=4, embedding_dim=3, dim=8, patch_size=2)
     v = torch.zeros(1, 2, 4, 4)
-    v[0, 1, 3, 2] = 1.0  # a pixel of patch (1, 1), row-major patch 3
+    v[0, 1, 3, 0] = 1.0  # a pixel of patch (row 1, column 0), row-major patch 2
     with torch.no_grad():
         memory.pixel.weight.zero_()
         memory.pixel.bias.zero_()
@@ -119,11 +119,12 @@ def test_patch_memory_reads_each_patch_as_one_token_and_spreads_its_attention_ov
         memory.columns.zero_()
     tokens = memory(v, torch.zeros(1, 3))
     assert tokens.shape == (1, 1 + 4, 8)
-    torch.testing.assert_close(tokens[0, 1:, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]))
-    on_patches = torch.tensor([[0.5, 0.0, 0.0, 0.5]])
+    torch.testing.assert_close(tokens[0, 1:, 0], torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    on_patches = torch.tensor([[0.0, 0.6, 0.4, 0.0]])  # patch (0, 1) and patch (1, 0)
     pixels = memory.over_pixels(on_patches).view(4, 4)
     expected = torch.zeros(4, 4)
-    expected[:2, :2] = expected[2:, 2:] = 0.125
+    expected[:2, 2:] = 0.15
+    expected[2:, :2] = 0.1
     torch.testing.assert_close(pixels, expected)
     # one patch holds all the weight: spread over its 4 of 16 pixels, entropy log 4 / log 16 in pixel units
     one_patch = attention_concentration(memory.over_pixels(torch.tensor([0.0, 1.0, 0.0, 0.0])))

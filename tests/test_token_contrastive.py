@@ -28,11 +28,15 @@ def test_symmetric_info_nce_by_hand():
     # a negative that matches scene 0's views adds e^1 to scene 0's rows and e^0 to scene 1's
     with_negative = 0.5 * (-math.log(math.e / (2 * math.e + 1)) - math.log(math.e / (math.e + 2)))
     torch.testing.assert_close(symmetric_info_nce(z, z, z, z, z[:1], 0, 1.0), torch.tensor(with_negative))
-    # on a second rank the positives sit at the offset of its rows in the gathered batch
-    gathered = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), torch.eye(3)[:2]])
-    local = torch.eye(3)[:2]
-    expected = -math.log(math.e / (math.e + 2))
-    torch.testing.assert_close(symmetric_info_nce(local, local, gathered, gathered, None, 1, 1.0), torch.tensor(expected))
+    # views that differ: z_a's rows are queries against all_b, z_b's against all_a; on rank 1 of two ranks of two
+    # rows each, the positives are rows 2 and 3 of the gathered batch
+    basis = torch.eye(4)
+    z_a, z_b = basis[2:], torch.stack([basis[2], basis[0]])  # scene 3's second view looks like rank 0's scene 0
+    all_a, all_b = torch.cat([basis[:2], z_a]), torch.cat([basis[:2], z_b])
+    a_to_b = 0.5 * (-math.log(math.e / (math.e + 3)) - math.log(1 / 4))  # e3 is like no key
+    b_to_a = 0.5 * (-math.log(math.e / (math.e + 3)) - math.log(1 / (math.e + 3)))  # e0 is like key 0
+    torch.testing.assert_close(symmetric_info_nce(z_a, z_b, all_a, all_b, None, 2, 1.0),
+                               torch.tensor(0.5 * (a_to_b + b_to_a)))
 
 
 def test_a_fit_learns_paraphrases_and_p2_reads_its_transformer(tmp_path):

@@ -92,6 +92,14 @@ def trim_padding(ids: torch.Tensor) -> torch.Tensor:
     return ids[..., :length]
 
 
+def join_padded(*id_batches: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Batches of ids ``[B_i, L_i]`` right-padded to their longest and stacked, ``[sum B_i, max L_i]``, with each
+    batch's row count: one encoder pass over them, split back by ``.split(sizes)``."""
+    length = max(ids.shape[-1] for ids in id_batches)
+    joined = torch.cat([torch.nn.functional.pad(ids, (0, length - ids.shape[-1]), value=PAD_ID) for ids in id_batches])
+    return joined, [len(ids) for ids in id_batches]
+
+
 def content_token_table(tokenizer: Tokenizer, sentences: Sequence[str], content_words: frozenset[str]) -> torch.Tensor:
     """Per token id, whether it is a content token ``[vocab]`` (bool): most of its occurrences in
     ``sentences`` lie in a word of ``content_words`` (a byte-level piece is classed by the word it falls

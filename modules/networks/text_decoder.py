@@ -50,6 +50,7 @@ class LatentMemory(nn.Module):
         self.patch_size = patch_size
         self.standardize_maps = standardize_maps
         values = channels * patch_size**2
+        # "pixel" names the projection for any patch size, so per-pixel checkpoints keep loading
         self.pixel = (nn.Sequential(nn.Linear(values, dim), nn.GELU(), nn.Linear(dim, dim)) if pixel_mlp
                       else nn.Linear(values, dim))
         patches = grid_size // patch_size
@@ -176,7 +177,8 @@ class LatentTextDecoder(nn.Module):
 
     @torch.no_grad()
     def cross_attention(self, ids: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The last block's cross-attention weights ``[B, heads, L, 1 + H W]`` (memory token 0 is ``z``)."""
+        """The last block's cross-attention weights ``[B, heads, L, 1 + (H / p) (W / p)]`` over the memory (token 0
+        is ``z``, then the patches of side ``p``: ``LatentMemory``)."""
         x, mask, memory = self._states(ids, v, z)
         for block in self.blocks[:-1]:
             x = block(x, mask, memory)
