@@ -6,6 +6,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from modules.losses.contrastive import symmetric_info_nce
+
 
 def _single_process(module: L.LightningModule) -> bool:
     return module._trainer is None or module.trainer.world_size == 1
@@ -17,6 +19,16 @@ def gather_with_gradients(module: L.LightningModule, rows: torch.Tensor) -> torc
     if _single_process(module):
         return rows
     return module.all_gather(rows, sync_grads=True).flatten(0, 1)
+
+
+def global_info_nce(module: L.LightningModule, z_a: torch.Tensor, z_b: torch.Tensor,
+                    z_negative: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """P2's symmetric InfoNCE (``modules.losses.contrastive.symmetric_info_nce``) over the global batch: each rank's
+    two views and extra negatives gathered with gradients, its positives at its own rows' offset."""
+    rank = 0 if _single_process(module) else module.global_rank
+    negatives = None if z_negative is None else gather_with_gradients(module, z_negative)
+    return symmetric_info_nce(z_a, z_b, gather_with_gradients(module, z_a), gather_with_gradients(module, z_b),
+                              negatives, rank * len(z_a), temperature)
 
 
 def gather_rows(module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:

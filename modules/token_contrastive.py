@@ -20,8 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from modules.distributed import gather_with_gradients
-from modules.losses.contrastive import symmetric_info_nce
+from modules.distributed import global_info_nce
 from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
 from modules.networks.text_encoder import EMBEDDING_INIT_STD, TOKEN_EMBEDDING_STD, TextTransformer
@@ -91,9 +90,7 @@ class TokenContrastive(MethodModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         negatives = (batch["counterfactual"].flatten(0, 1),) if self.hparams.counterfactual_negatives else ()
         z_a, z_b, *z_negative = self._embed(batch["view_a"], batch["view_b"], *negatives)
-        all_a, all_b, *all_negative = [gather_with_gradients(self, z) for z in (z_a, z_b, *z_negative)]
-        loss = symmetric_info_nce(z_a, z_b, all_a, all_b, all_negative[0] if all_negative else None,
-                                  self.global_rank * len(z_a), self.hparams.temperature)
+        loss = global_info_nce(self, z_a, z_b, z_negative[0] if z_negative else None, self.hparams.temperature)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 

@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.distributed import gather_with_gradients
+from modules.distributed import global_info_nce
 from modules.latent_decoding import decoder_logits, decoding_rows, frame_for_decoder, grid_attention
 from modules.latent_decoding import summarize as summarize_decoding
 from modules.latent_jitter import jitter, shift_robustness
 from modules.latent_snapshot import LatentSnapshot
 from modules.losses.bag_of_words import bag_of_words_loss, ngram_bag
-from modules.losses.contrastive import invariance_loss, symmetric_info_nce, vicreg_regularizer
+from modules.losses.contrastive import invariance_loss, vicreg_regularizer
 from modules.losses.decoding import reconstruction_loss, vocabulary_mask
 from modules.losses.image_priors import (
     PRIOR_NAMES,
@@ -335,10 +335,7 @@ class VisualLatentText(MethodModule):
                          z_negative: torch.Tensor | None) -> torch.Tensor:
         """Symmetric InfoNCE over the global batch: each view's positive is the other view of its
         scene; every other scene's views (all ranks) and the counterfactuals are negatives."""
-        rank = self.global_rank if self._trainer is not None else 0
-        negatives = None if z_negative is None else gather_with_gradients(self, z_negative)
-        return symmetric_info_nce(z_a, z_b, gather_with_gradients(self, z_a), gather_with_gradients(self, z_b),
-                                  negatives, rank * len(z_a), self.hparams.temperature)
+        return global_info_nce(self, z_a, z_b, z_negative, self.hparams.temperature)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
