@@ -32,6 +32,7 @@ from torch import nn
 from benchmarks.latent_content import load
 from benchmarks.record import write_record
 from modules.losses.bag_of_words import bag_of_words_loss, ngram_bag
+from modules.networks.text_encoder import MeanTokenEmbedding
 from modules.visual_latent import VisualLatentText
 from text.tokenizer import PAD_ID, trim_padding
 
@@ -51,20 +52,6 @@ PATHS = {
     "token_blobs_pixels": {"latent_head": "token_blobs"},
 }
 # A "_pixels" path's z is a linear map of every pixel of V instead of the readout g(V): what V holds, not what g keeps.
-
-
-class TokenStatesPath(nn.Module):
-    """``z`` = a linear map of the mean of the encoder's token states: the sentence without the latent grid."""
-
-    def __init__(self, model: VisualLatentText) -> None:
-        super().__init__()
-        self.tokens = model.encoder.encoder
-        self.to_embedding = nn.Linear(model.hparams.dim, model.hparams.embedding_dim)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = ids != PAD_ID
-        states = self.tokens(ids, mask) * mask.unsqueeze(-1)
-        return self.to_embedding(states.sum(dim=1) / mask.sum(dim=1, keepdim=True))
 
 
 class LatentPath(nn.Module):
@@ -97,7 +84,9 @@ def fresh_path(name: str, hparams: dict, seed: int) -> tuple[nn.Module, nn.Modul
     arguments = {k: v for k, v in hparams.items() if k not in ("init_from", "init_prefixes")}
     arguments |= PATHS[name] | {"bag_of_words_weight": 1.0, "bag_of_words_buckets": hparams["vocab_size"]}
     model = VisualLatentText(**arguments)
-    path = TokenStatesPath if name == "tokens" else PixelPath if name.endswith("_pixels") else LatentPath
+    if name == "tokens":  # the same Transformer, no grid
+        return MeanTokenEmbedding(model.encoder.encoder, model.hparams.embedding_dim), model.bag_of_words
+    path = PixelPath if name.endswith("_pixels") else LatentPath
     return path(model), model.bag_of_words
 
 

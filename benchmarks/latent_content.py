@@ -38,6 +38,7 @@ from torchmetrics.functional.classification import multilabel_auroc
 from benchmarks.record import write_record
 from datamodules.blocks_text import BlocksTextDataModule
 from modules.losses.bag_of_words import ngram_bag
+from modules.networks.text_encoder import mean_token_state
 from modules.visual_latent import VisualLatentText
 from text.blocks import COLORS, RELATIONS, SHAPES, parse
 from text.tokenizer import PAD_ID, trim_padding
@@ -85,7 +86,7 @@ def features(model: VisualLatentText, ids: torch.Tensor, vocab_size: int, batch:
         v = model.encoder.paint(tokens, real)  # as model.latent(chunk), the Transformer run once
         zs.append(model.readout(v))
         vs.append(v.flatten(1))
-        states.append((tokens * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True))
+        states.append(mean_token_state(tokens, real))
     bag = ngram_bag(ids, PAD_ID, 1, vocab_size)
     return {"z": torch.cat(zs), "V": torch.cat(vs), "token_states": torch.cat(states), "bag_of_tokens": bag}
 
@@ -139,9 +140,11 @@ def probe_auroc(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
             "role_accuracy": role_accuracy(scores, pairs)}
 
 
-def measure(name: str, checkpoint: str, examples: int, steps: int, seed: int) -> list[dict]:
-    start = time.perf_counter()
-    model, datamodule = load(checkpoint)
+def probe_sentences(datamodule: BlocksTextDataModule, examples: int, seed: int
+                    ) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
+    """``(train_ids, train_sentences, test_ids, test_sentences)``: ``examples`` of the checkpoint's training views
+    drawn under ``seed``, and the held-out validation sentences each followed by its paraphrases; the ids
+    ``[N, L]`` right-padded to one width."""
     views = datamodule.host_tables("train")["views"]
     sentences = [s for item in datamodule.train_examples for s in item["views"]]
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))[:examples]
@@ -149,13 +152,20 @@ def measure(name: str, checkpoint: str, examples: int, steps: int, seed: int) ->
     val = datamodule.host_tables("val")
     items = datamodule.eval_pack["val"][: len(val["sentence"])]
     test_sentences = [s for item in items for s in (item["sentence"], *item["paraphrases"])]
-    test_ids = torch.cat([val["sentence"].unsqueeze(1), val["paraphrases"]], dim=1)
-    width = max(train_ids.shape[1], test_ids.shape[2])
-    train_ids, test_ids = F.pad(train_ids, (0, width - train_ids.shape[1])), F.pad(test_ids, (0, width - test_ids.shape[2]))
+    test_ids = torch.cat([val["sentence"].unsqueeze(1), val["paraphrases"]], dim=1).flatten(0, 1)
+    width = max(train_ids.shape[1], test_ids.shape[1])
+    train_ids, test_ids = (F.pad(ids, (0, width - ids.shape[1])) for ids in (train_ids, test_ids))
+    return train_ids, [sentences[i] for i in order.tolist()], test_ids, test_sentences
+
+
+def measure(name: str, checkpoint: str, examples: int, steps: int, seed: int) -> list[dict]:
+    start = time.perf_counter()
+    model, datamodule = load(checkpoint)
+    train_ids, train_sentences, test_ids, test_sentences = probe_sentences(datamodule, examples, seed)
     vocab = datamodule.vocab_size
     train = features(model, train_ids, vocab)
-    test = features(model, test_ids.reshape(-1, width), vocab)
-    train_y = content_labels([sentences[i] for i in order.tolist()])
+    test = features(model, test_ids, vocab)
+    train_y = content_labels(train_sentences)
     test_y = content_labels(test_sentences)
     pairs = role_pairs(test_sentences)
     rows = []

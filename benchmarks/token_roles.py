@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import torch
 import torch.nn.functional as F
 
-from benchmarks.latent_content import load, probe_main
+from benchmarks.latent_content import load, probe_main, probe_sentences
 from modules.losses.bag_of_words import ngram_bag
 from text.blocks import COLORS, parse
 from text.tokenizer import PAD_ID, trim_padding
@@ -132,15 +132,7 @@ def measure(name: str, checkpoint: str, examples: int, steps: int, seed: int) ->
     start = time.perf_counter()
     model, datamodule = load(checkpoint)
     colors = color_token_ids(datamodule.tokenizer)
-    views = datamodule.host_tables("train")["views"]
-    sentences = [s for item in datamodule.train_examples for s in item["views"]]
-    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))[:examples]
-    train_ids = views.reshape(-1, views.shape[-1])[order]
-    train_sentences = [sentences[i] for i in order.tolist()]
-    val = datamodule.host_tables("val")
-    items = datamodule.eval_pack["val"][: len(val["sentence"])]
-    test_sentences = [s for item in items for s in (item["sentence"], *item["paraphrases"])]
-    test_ids = torch.cat([val["sentence"].unsqueeze(1), val["paraphrases"]], dim=1).flatten(0, 1)
+    train_ids, train_sentences, test_ids, test_sentences = probe_sentences(datamodule, examples, seed)
     train_tokens = role_tokens(train_sentences, train_ids, colors)
     test_tokens = role_tokens(test_sentences, test_ids, colors)
     train, test = layer_states(model, train_ids, train_tokens), layer_states(model, test_ids, test_tokens)

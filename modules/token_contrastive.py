@@ -18,29 +18,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import nn
 
 from modules.distributed import global_info_nce
 from modules.method_base import MethodModule
 from modules.metrics import paraphrase_retrieval
-from modules.networks.text_encoder import EMBEDDING_INIT_STD, TOKEN_EMBEDDING_STD, TextTransformer
+from modules.networks.text_encoder import (
+    EMBEDDING_INIT_STD,
+    TOKEN_EMBEDDING_STD,
+    MeanTokenEmbedding,
+    TextTransformer,
+)
 from text.blocks import COUNTERFACTUAL_KINDS
 from text.tokenizer import PAD_ID, join_padded
-
-
-class MeanTokenEmbedding(nn.Module):
-    """``z`` = a linear map of the mean of the Transformer's token states over the real tokens. The Transformer is
-    ``encoder``, as it is inside ``modules.networks.grid_head.TextToGrid``, so that its weights keep their names."""
-
-    def __init__(self, tokens: TextTransformer, embedding_dim: int) -> None:
-        super().__init__()
-        self.encoder = tokens
-        self.to_embedding = nn.Linear(tokens.dim, embedding_dim)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = ids != PAD_ID
-        states = self.encoder(ids, mask) * mask.unsqueeze(-1)
-        return self.to_embedding(states.sum(dim=1) / mask.sum(dim=1, keepdim=True))
 
 
 class TokenContrastive(MethodModule):

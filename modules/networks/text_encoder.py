@@ -197,3 +197,23 @@ class TextTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, mask, rotary)
         return self.final_norm(x)
+
+
+def mean_token_state(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of token states ``[B, L, dim]`` over each row's real tokens (``mask [B, L]``): ``[B, dim]``."""
+    return (states * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+
+
+class MeanTokenEmbedding(nn.Module):
+    """``z`` = a linear map of the mean of the Transformer's token states over the real tokens: the sentence
+    without the latent grid. The Transformer is ``encoder``, as it is inside
+    ``modules.networks.grid_head.TextToGrid``, so that its weights keep their names."""
+
+    def __init__(self, tokens: TextTransformer, embedding_dim: int) -> None:
+        super().__init__()
+        self.encoder = tokens
+        self.to_embedding = nn.Linear(tokens.dim, embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != self.encoder.token_embedding.padding_idx
+        return self.to_embedding(mean_token_state(self.encoder(ids, mask), mask))
